@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine with Python 3.11:
+#   make demo [DATA=<corpus folder>]   train + evaluate the small Conv-TasNet, write examples
+#   make test                          run the test suite
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DATA   ?=
+DEMO_MINUTES ?= 4
+DEMO_OUT ?= results/demo
+
+.PHONY: demo test venv clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (or run: make PYTHON=python3 ...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	# make `import modules` work from anywhere inside the venv (recipes, tests, HyperPyYAML)
+	$(PY) -c "import site; open(site.getsitepackages()[0] + '/sb_separation_recipes.pth', 'w').write('$(CURDIR)\n')"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) recipes/separation/train.py recipes/separation/hparams/convtasnet-small.yaml \
+		--max_train_minutes=$(DEMO_MINUTES) --output_folder=$(DEMO_OUT) \
+		$(if $(DATA),--data_folder=$(DATA),)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,156 @@
+"""The Brain base shared by every recipe of the project, and a time-budgeted epoch counter.
+
+:class:`BaseBrain` adds to ``speechbrain.Brain`` what every recipe here needs and nothing
+task-specific:
+
+* datasets that draw a new random set per epoch get ``set_epoch(epoch)`` before each epoch, so a
+  resumed run sees the same data as an uninterrupted one;
+* non-finite losses are reported with the ids of the batch; with ``skip_nonfinite_grads: True``
+  (the default of our yamls) the optimiser step of that batch is skipped;
+* the validation stage halves the learning rate on plateau (``lr_scheduler`` in the yaml), logs
+  to ``train_logger`` and keeps the best checkpoints by the yaml's ``valid_metric`` /
+  ``valid_metric_mode`` (e.g. ``si-snr``, ``max``);
+* the test stage hands its statistics to :meth:`on_test_end`.
+
+A subclass implements ``compute_forward``, ``compute_objectives`` and may collect metrics in
+``self.stage_metrics`` (a dict of running sums) during VALID/TEST.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import speechbrain as sb
+import torch
+from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
+from speechbrain.utils.epoch_loop import EpochCounter
+
+logger = logging.getLogger(__name__)
+
+
+@register_checkpoint_hooks
+class BudgetedEpochCounter(EpochCounter):
+    """Epoch counter that also stops once ``max_minutes`` of wall time have been spent.
+
+    :class:`BaseBrain` also checks it before every training batch: the epoch in which the budget
+    runs out stops early, is validated and checkpointed, and training ends. The time spent is saved in checkpoints: a resumed run continues the same budget
+    (time between the interruption and the restart does not count). ``max_minutes <= 0`` means
+    no time limit.
+    """
+
+    def __init__(self, limit: int, max_minutes: float = 0):
+        super().__init__(limit)
+        self.max_minutes = float(max_minutes or 0)
+        self.elapsed = 0.0
+        self._last = None
+
+    def _tick(self):
+        now = time.monotonic()
+        if self._last is not None:
+            self.elapsed += now - self._last
+        self._last = now
+
+    @property
+    def budget_exhausted(self) -> bool:
+        self._tick()
+        return self.max_minutes > 0 and self.elapsed >= 60 * self.max_minutes
+
+    def __next__(self):
+        if self.budget_exhausted:
+            logger.info("time budget of %.1f min spent (%.1f min): stopping training",
+                        self.max_minutes, self.elapsed / 60)
+            raise StopIteration
+        return super().__next__()
+
+    @mark_as_saver
+    def _save(self, path):
+        self._tick()
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"current": self.current, "elapsed": self.elapsed}, f)
+
+    @mark_as_loader
+    def _recover(self, path, end_of_epoch=True):
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        self.current = state["current"] if end_of_epoch else state["current"] - 1
+        self.elapsed = state["elapsed"]
+        self._last = None
+
+
+class BaseBrain(sb.Brain):
+    """Brain base for every recipe (see the module docstring)."""
+
+    def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
+        # Items are dicts of tensors of different lengths: pad them into a PaddedBatch.
+        loader_kwargs.setdefault("collate_fn", PaddedBatch)
+        return super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
+
+    def fit(self, epoch_counter, train_set, valid_set=None, **kwargs):
+        self._train_dataset = train_set
+        return super().fit(epoch_counter, train_set, valid_set, **kwargs)
+
+    @property
+    def _optimizer_step_limit_exceeded(self):
+        # speechbrain checks this before every training batch and after every epoch
+        counter = getattr(self.hparams, "epoch_counter", None)
+        if isinstance(counter, BudgetedEpochCounter) and counter.budget_exhausted:
+            return True
+        return sb.Brain._optimizer_step_limit_exceeded.fget(self)
+
+    def on_stage_start(self, stage, epoch=None):
+        self.stage_metrics = {}
+        self.stage_count = 0
+        if stage == sb.Stage.TRAIN and hasattr(getattr(self, "_train_dataset", None), "set_epoch"):
+            self._train_dataset.set_epoch(epoch)
+
+    def accumulate(self, metrics: dict, n: int = 1):
+        """Add per-utterance metric sums (``metrics`` holds sums over ``n`` utterances)."""
+        for k, v in metrics.items():
+            self.stage_metrics[k] = self.stage_metrics.get(k, 0.0) + float(v)
+        self.stage_count += n
+
+    def stage_stats(self, stage_loss) -> dict:
+        stats = {"loss": float(stage_loss)}
+        if self.stage_count:
+            stats.update({k: v / self.stage_count for k, v in self.stage_metrics.items()})
+        return stats
+
+    def check_loss_isfinite(self, loss):
+        if not torch.isfinite(loss):
+            ids = getattr(self, "_batch_ids", None)
+            logger.warning("non-finite loss (%s) on batch %s: its update is skipped", float(loss), ids)
+        super().check_loss_isfinite(loss)
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        stats = self.stage_stats(stage_loss)
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stats
+            return
+        if stage == sb.Stage.VALID:
+            lr = self.optimizer.param_groups[0]["lr"]
+            metric = self.hparams.valid_metric
+            if hasattr(self.hparams, "lr_scheduler"):
+                # The scheduler minimises: give it a loss-like value.
+                value = stats[metric] if self.hparams.valid_metric_mode == "min" else -stats[metric]
+                _, lr = self.hparams.lr_scheduler([self.optimizer], epoch, value)
+            if hasattr(self.hparams, "train_logger"):
+                self.hparams.train_logger.log_stats(
+                    stats_meta={"epoch": epoch, "lr": lr},
+                    train_stats=getattr(self, "train_stats", None), valid_stats=stats)
+            if self.checkpointer is not None:
+                keys = {f"{self.hparams.valid_metric_mode}_keys": [metric]}
+                self.checkpointer.save_and_keep_only(
+                    meta={metric: stats[metric], "epoch": epoch},
+                    num_to_keep=getattr(self.hparams, "checkpoints_to_keep", 1), **keys)
+        if stage == sb.Stage.TEST:
+            if hasattr(self.hparams, "train_logger"):
+                self.hparams.train_logger.log_stats(
+                    stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},
+                    test_stats=stats)
+            self.on_test_end(stats)
+
+    def on_test_end(self, stats: dict):
+        """Hook for recipes: write result files after the test stage."""

@@ -1,0 +1,45 @@
+"""Shared fixtures: paths, the real-speech folder (skipped when absent), tiny corpora."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+SHARED_DATA = os.environ.get("SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
+LIBRISPEECH = os.path.join(SHARED_DATA, "LibriSpeech")
+
+
+@pytest.fixture(scope="session")
+def librispeech():
+    """The real LibriSpeech excerpt of ../shared/data, or a skip saying why."""
+    if not os.path.isdir(os.path.join(LIBRISPEECH, "train-clean-100")):
+        pytest.skip(f"real speech not found at {LIBRISPEECH} (set SHARED_DATA to the folder "
+                    "holding LibriSpeech/); this test needs it")
+    return LIBRISPEECH
+
+
+def write_tone_corpus(root, n_speakers=6, utts=2, sr=16000, seconds=1.5, layout="folders"):
+    """A tiny corpus of per-speaker tones (distinct pitch per speaker), for pipeline tests."""
+    rng = np.random.default_rng(0)
+    for s in range(n_speakers):
+        for u in range(utts):
+            t = np.arange(int(seconds * sr)) / sr
+            x = 0.3 * np.sin(2 * np.pi * (100 + 40 * s) * t) + 0.01 * rng.standard_normal(len(t))
+            if layout == "librispeech":
+                path = os.path.join(root, str(100 + s), "7", f"{100 + s}-7-{u:04d}.flac")
+            else:
+                path = os.path.join(root, f"spk{s}", f"utt{u}.wav")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            sf.write(path, x.astype(np.float32), sr)
+    return root
+
+
+@pytest.fixture
+def tone_corpus(tmp_path):
+    return write_tone_corpus(str(tmp_path / "corpus"))
