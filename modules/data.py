@@ -114,7 +114,10 @@ def scan_corpus(folder: str, speaker_pattern: str | None = None, manifest: str |
             f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {folder}; point data_folder "
             "at a corpus (LibriSpeech layout, one folder per speaker, LibriMix or WSJ0-2mix)")
     utts, bad = [], []
-    for p in paths:
+    from tqdm import tqdm
+
+    for p in tqdm(paths, desc=f"scanning {os.path.basename(folder)}", unit="file",
+                  disable=len(paths) < 2000):
         try:
             frames, sr, _ = audio_info(p)
         except AudioError as err:
@@ -563,7 +566,7 @@ def main(argv=None):
     p.add_argument("--sample_rate", type=int, default=8000)
     p.add_argument("--speaker_pattern", default=None)
     p.add_argument("--save_folder", default="results/data_report")
-    p.add_argument("--n_valid", type=int, default=50)
+    p.add_argument("--n_valid", type=int, default=40)
     p.add_argument("--n_test", type=int, default=100)
     p.add_argument("--seed", type=int, default=1234)
     a = p.parse_args(argv)

@@ -135,14 +135,18 @@ class EncoderMaskerDecoder(nn.Module):
         return self.decode(self.apply_masks(w, masks), mix.shape[-1])
 
 
-class GlobalLayerNorm(nn.Module):
-    """gLN: normalise ``[batch, C, frames]`` over channels *and* frames (paper eq. 13)."""
+class _AffineNorm(nn.Module):
+    """Per-channel gain ``gamma`` and bias ``beta`` of shape ``[1, C, 1]`` (paper's norms)."""
 
     def __init__(self, channels: int, eps: float = 1e-8):
         super().__init__()
         self.eps = eps
         self.gamma = nn.Parameter(torch.ones(1, channels, 1))
         self.beta = nn.Parameter(torch.zeros(1, channels, 1))
+
+
+class GlobalLayerNorm(_AffineNorm):
+    """gLN: normalise ``[batch, C, frames]`` over channels *and* frames (paper eq. 13)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         var, mean = torch.var_mean(x, dim=(1, 2), correction=0, keepdim=True)
@@ -151,15 +155,9 @@ class GlobalLayerNorm(nn.Module):
         return torch.addcmul(self.beta - mean * scale, x, scale)
 
 
-class CumulativeLayerNorm(nn.Module):
+class CumulativeLayerNorm(_AffineNorm):
     """cLN: causal normalisation; frame k uses the statistics of channels and frames 0..k
     (paper eq. 14-16)."""
-
-    def __init__(self, channels: int, eps: float = 1e-8):
-        super().__init__()
-        self.eps = eps
-        self.gamma = nn.Parameter(torch.ones(1, channels, 1))
-        self.beta = nn.Parameter(torch.zeros(1, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c, t = x.shape[1], x.shape[2]
