@@ -24,6 +24,7 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) recipes/separation/train.py recipes/separation/hparams/convtasnet-small.yaml \
 		--max_train_minutes=$(DEMO_MINUTES) --output_folder=$(DEMO_OUT) \
+		--segment_seconds=1 --n_test=20 \
 		$(if $(DATA),--data_folder=$(DATA),)
 
 test: $(VENV)/.installed

@@ -419,8 +419,8 @@ class SeparationData:
                  n_src=2, sample_rate=8000, segment_seconds=4.0, snr_range=(-5.0, 5.0),
                  speed_range=(0.9, 1.1), train_mixtures_per_epoch=2000, n_valid=50, n_test=100,
                  eval_max_seconds=8.0, valid_fraction=0.1, test_fraction=0.1, speaker_pattern=None,
-                 overfit_mixtures=0, overfit_repeats=20, synthetic_speakers=24,
-                 synthetic_utts_per_speaker=8, seed=1234):
+                 overfit_mixtures=0, overfit_repeats=20, synthetic_speakers=40,
+                 synthetic_utts_per_speaker=6, seed=1234):
         self.__dict__.update({k: v for k, v in locals().items() if k != "self"})
         self.kind = detect_corpus(data_folder)
         self.unreadable, self.missing = [], []

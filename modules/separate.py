@@ -1,0 +1,65 @@
+"""Command line: separate a file, every audio file of a folder, or the files listed in a text file.
+
+    python -m modules.separate <in.wav | folder | list.txt> --model <folder or HF id> --out <dir>
+
+Writes ``<out>/<name>_source<k>.wav`` per input. A file that cannot be separated is reported
+and skipped; the others are still separated. Exit status 1 if any file failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+
+from tqdm import tqdm
+
+from .audio import AudioError
+from .data import AUDIO_EXTENSIONS
+
+
+def list_inputs(target: str):
+    if os.path.isdir(target):
+        return sorted(p for p in glob.glob(os.path.join(target, "**", "*"), recursive=True)
+                      if p.lower().endswith(AUDIO_EXTENSIONS))
+    if target.lower().endswith(".txt"):
+        with open(target) as f:
+            return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    return [target]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("input", help="audio file, folder of audio files, or .txt list of paths")
+    p.add_argument("--model", required=True, help="pretrained folder or Hugging Face repo id")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--savedir", default=None, help="where to keep the fetched model files")
+    p.add_argument("--channel", type=int, default=None, help="separate this channel only")
+    p.add_argument("--resample_output", action="store_true",
+                   help="write the sources at the input's sample rate")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    from .inference import Separator
+
+    sep = Separator.from_hparams(source=a.model, savedir=a.savedir or os.path.join(a.out, ".model"),
+                                 run_opts={"device": a.device})
+    paths = list_inputs(a.input)
+    if not paths:
+        print(f"no audio files found in {a.input}", file=sys.stderr)
+        return 1
+    failed = []
+    for path in tqdm(paths, desc="separating", unit="file", disable=len(paths) < 2):
+        try:
+            sep.separate_file(path, output_dir=a.out, channel=a.channel,
+                              resample_output=a.resample_output)
+        except (AudioError, OSError) as err:
+            failed.append((path, str(err)))
+    print(f"separated {len(paths) - len(failed)} of {len(paths)} files into {a.out}")
+    for path, err in failed:
+        print(f"FAILED {path}: {err}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
