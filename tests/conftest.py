@@ -43,3 +43,25 @@ def write_tone_corpus(root, n_speakers=6, utts=2, sr=16000, seconds=1.5, layout=
 @pytest.fixture
 def tone_corpus(tmp_path):
     return write_tone_corpus(str(tmp_path / "corpus"))
+
+
+def inference_yaml(X=2, norm="gLN", extra=""):
+    """hyperparams.yaml of a tiny Conv-TasNet model folder (N=16, L=16, B=16, H=32, Sc=16, R=1)."""
+    return f"""
+sample_rate: 8000
+{extra}
+model: !new:modules.tasnet.ConvTasNet
+    N: 16
+    L: 16
+    B: 16
+    H: 32
+    Sc: 16
+    X: {X}
+    R: 1
+    norm: {norm}
+modules:
+    model: !ref <model>
+pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
+    loadables:
+        model: !ref <model>
+"""

@@ -12,28 +12,9 @@ from modules.inference import Separator, chunked_separation
 from modules.losses import si_snr
 from modules.separate import main as separate_main
 from modules.tasnet import ConvTasNet
+from conftest import inference_yaml
 
 TINY = dict(N=16, L=16, B=16, H=32, Sc=16, P=3, X=3, R=1, norm="chLN")
-HYPERPARAMS = """
-sample_rate: 8000
-chunk_seconds: {chunk}
-overlap_seconds: {overlap}
-model: !new:modules.tasnet.ConvTasNet
-    N: 16
-    L: 16
-    B: 16
-    H: 32
-    Sc: 16
-    P: 3
-    X: 3
-    R: 1
-    norm: chLN
-modules:
-    model: !ref <model>
-pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
-    loadables:
-        model: !ref <model>
-"""
 
 
 @pytest.fixture
@@ -43,7 +24,8 @@ def hub(tmp_path):
     folder = tmp_path / "hub"
     folder.mkdir()
     torch.save(model.state_dict(), folder / "model.ckpt")
-    (folder / "hyperparams.yaml").write_text(HYPERPARAMS.format(chunk=1.0, overlap=0.25))
+    (folder / "hyperparams.yaml").write_text(
+        inference_yaml(X=3, norm="chLN", extra="chunk_seconds: 1.0\noverlap_seconds: 0.25"))
     sep = Separator.from_hparams(source=str(folder), savedir=str(tmp_path / "saved"))
     return sep, model, folder
 

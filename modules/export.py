@@ -1,0 +1,145 @@
+"""Turn a training output folder into a Hugging Face model folder, and optionally upload it.
+
+    python -m modules.export <training output folder> <hub folder> [--hparams <inference yaml>]
+                             [--push <user/repo>]
+
+The hub folder gets ``hyperparams.yaml`` (the model's top-level ``hparams/<experiment>.yaml``
+unless ``--hparams`` names another), ``model.ckpt`` (the model weights of the best checkpoint
+by validation SI-SNR, a plain state dict loadable with ``torch.load(..., weights_only=True)``)
+and a model card ``README.md`` with the test metrics of ``test_summary.json`` and a usage
+snippet. The folder is loaded back through :class:`modules.inference.Separator` before anything
+is uploaded, and the weights must fit the yaml's model exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+
+import torch
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _saved_value(text: str, key: str):
+    """Plain value of a top-level ``key:`` line of a saved yaml (None when empty or null)."""
+    m = re.search(rf"^{key}:[ \t]*([^#\n]*?)[ \t]*(#.*)?$", text, re.M)
+    value = m.group(1) if m else None
+    return None if value in (None, "", "null", "~") else value
+
+
+def best_checkpoint(output_folder: str, metric: str = "si-snr") -> str:
+    """Folder of the checkpoint with the highest ``metric`` in ``<output_folder>/save``."""
+    best, best_value = None, -float("inf")
+    for meta_path in glob.glob(os.path.join(output_folder, "save", "CKPT+*", "CKPT.yaml")):
+        with open(meta_path) as f:
+            meta = yaml.safe_load(f) or {}
+        if metric in meta and meta[metric] > best_value:
+            best, best_value = os.path.dirname(meta_path), meta[metric]
+    if best is None:
+        raise FileNotFoundError(f"no checkpoint with a '{metric}' value under {output_folder}/save; "
+                                "train first (recipes/separation/train.py) or check the folder")
+    return best
+
+
+def model_card(name, data, summary, repo_id):
+    source = repo_id or "<this folder>"
+    lines = [f"---\nlibrary_name: speechbrain\ntags:\n- audio-source-separation\n- speechbrain\n---",
+             f"# {name}", "",
+             f"Speech separation model trained with the `{name}` recipe (SI-SNR + PIT).", "",
+             f"Training data: {data}.", ""]
+    if summary:
+        lines += [f"Test set: {summary.get('n_mixtures')} mixtures.", "",
+                  "| SI-SNR | SI-SNRi | SDR | SDRi |", "|---|---|---|---|",
+                  "| " + " | ".join(f"{summary[k]:.2f} dB" for k in ("si-snr", "si-snr_i", "sdr", "sdr_i"))
+                  + " |", ""]
+    else:
+        lines += ["No test metrics were found (test_summary.json missing).", ""]
+    lines += ["## Usage", "", "```python",
+              "from modules.inference import Separator",
+              f'sep = Separator.from_hparams(source="{source}", savedir="pretrained/{name}")',
+              'est = sep.separate_file("mixture.wav", output_dir="separated/")  # [1, time, n_src]',
+              "```", "",
+              "`modules` is the recipe collection this model was trained with.", ""]
+    return "\n".join(lines)
+
+
+def export(output_folder: str, hub_folder: str, hparams: str | None = None,
+           repo_id: str | None = None) -> str:
+    """Write the hub folder; returns its path. See the module docstring."""
+    saved = os.path.join(output_folder, "hyperparams.yaml")
+    if not os.path.exists(saved):
+        raise FileNotFoundError(f"{saved} not found: is {output_folder} a training output folder?")
+    with open(saved) as f:
+        text = f.read()
+    name = _saved_value(text, "experiment_name") or "model"
+    data = _saved_value(text, "data_folder")
+    data = data or "synthetic speech-like corpus (not real speech)"
+    hparams = hparams or os.path.join(ROOT, "hparams", f"{name}.yaml")
+    if not os.path.exists(hparams):
+        known = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "hparams", "*.yaml")))
+        raise FileNotFoundError(f"no inference yaml {hparams}; pass --hparams (known: {known})")
+    ckpt = best_checkpoint(output_folder)
+    os.makedirs(hub_folder, exist_ok=True)
+    shutil.copy(hparams, os.path.join(hub_folder, "hyperparams.yaml"))
+    state = torch.load(os.path.join(ckpt, "model.ckpt"), map_location="cpu", weights_only=True)
+    torch.save(state, os.path.join(hub_folder, "model.ckpt"))
+
+    from .inference import Separator
+
+    try:  # load the folder back as a user will, and insist on an exact fit of every weight
+        sep = Separator.from_hparams(source=os.path.abspath(hub_folder),
+                                     savedir=os.path.join(hub_folder, ".check"))
+        sep.mods.model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        for written in ("hyperparams.yaml", "model.ckpt", ".check"):  # leave nothing half-made
+            path = os.path.join(hub_folder, written)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        raise RuntimeError(f"the weights of {ckpt} do not fit the model of {hparams}; was the "
+                           f"model trained with architecture overrides? ({err})") from err
+    shutil.rmtree(os.path.join(hub_folder, ".check"), ignore_errors=True)
+    summary = None
+    summary_path = os.path.join(output_folder, "test_summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+    with open(os.path.join(hub_folder, "README.md"), "w") as f:
+        f.write(model_card(name, data, summary, repo_id))
+    return hub_folder
+
+
+def push(hub_folder: str, repo_id: str):
+    """Upload the folder to the Hugging Face Hub (needs a token: ``huggingface-cli login``)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=hub_folder, repo_id=repo_id)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("output_folder", help="training output folder (holds hyperparams.yaml, save/)")
+    p.add_argument("hub_folder", help="folder to write")
+    p.add_argument("--hparams", default=None, help="inference yaml (default: hparams/<experiment>.yaml)")
+    p.add_argument("--push", default=None, metavar="REPO_ID", help="upload to this Hub repository")
+    a = p.parse_args(argv)
+    folder = export(a.output_folder, a.hub_folder, a.hparams, a.push)
+    print(f"wrote {os.path.abspath(folder)} (hyperparams.yaml, model.ckpt, README.md)")
+    if a.push:
+        push(folder, a.push)
+        print(f"uploaded to https://huggingface.co/{a.push}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

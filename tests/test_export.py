@@ -1,0 +1,73 @@
+"""Training folder -> Hugging Face folder -> Separator, with the same outputs; push up to upload."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT, inference_yaml
+from modules.export import export, main as export_main
+from modules.inference import Separator
+from modules.tasnet import ConvTasNet
+from test_recipes import SMALL_DATA, TINY_MODEL, run_recipe
+
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("export")
+    out = base / "train"
+    yaml = os.path.join(ROOT, "recipes", "separation", "hparams", "convtasnet-small.yaml")
+    run_recipe("train.py", yaml, out, "--number_of_epochs=1", f"--cache_folder={base / 'cache'}",
+               *SMALL_DATA, *TINY_MODEL)
+    inference_yaml_path = base / "tiny.yaml"
+    inference_yaml_path.write_text(inference_yaml())
+    return out, inference_yaml_path
+
+
+def test_export_round_trip(trained, tmp_path):
+    out, yaml_path = trained
+    hub = tmp_path / "hub"
+    export(str(out), str(hub), hparams=str(yaml_path))
+    assert sorted(os.listdir(hub)) == ["README.md", "hyperparams.yaml", "model.ckpt"]
+    card = (hub / "README.md").read_text()
+    assert "SI-SNRi" in card and "Separator.from_hparams" in card and "not real speech" in card
+    ckpt = [d for d in os.listdir(out / "save") if d.startswith("CKPT+")][0]
+    model = ConvTasNet(N=16, L=16, B=16, H=32, Sc=16, X=2, R=1).eval()
+    model.load_state_dict(torch.load(out / "save" / ckpt / "model.ckpt", weights_only=True))
+    sep = Separator.from_hparams(source=str(hub), savedir=str(tmp_path / "loaded"))
+    x = torch.randn(1, 5000)
+    with torch.no_grad():
+        assert torch.equal(sep.separate_batch(x), model(x))
+
+
+def test_export_refuses_mismatched_architecture(trained, tmp_path):
+    out, _ = trained
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "notes.txt").write_text("the user's own file")
+    with pytest.raises(RuntimeError, match="do not fit"):
+        export(str(out), str(hub), hparams=os.path.join(ROOT, "hparams", "convtasnet-small.yaml"))
+    assert os.listdir(hub) == ["notes.txt"]  # nothing half-made left, nothing of the user's lost
+
+
+def test_push_uploads_the_checked_folder(trained, tmp_path, monkeypatch):
+    out, yaml_path = trained
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, exist_ok):
+            calls.append(("create", repo_id))
+
+        def upload_folder(self, folder_path, repo_id):
+            calls.append(("upload", repo_id, sorted(os.listdir(folder_path))))
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    status = export_main([str(out), str(tmp_path / "hub"), "--hparams", str(yaml_path),
+                          "--push", "me/tiny-tasnet"])
+    assert status == 0
+    assert calls == [("create", "me/tiny-tasnet"),
+                     ("upload", "me/tiny-tasnet", ["README.md", "hyperparams.yaml", "model.ckpt"])]
+    assert 'source="me/tiny-tasnet"' in (tmp_path / "hub" / "README.md").read_text()
