@@ -130,3 +130,51 @@ def test_oracle_masks_on_real_speech(librispeech, tmp_path):
         est = ideal_mask_separation(item["mix"], item["sources"], "irm")
         m, _ = separation_metrics(item["mix"], est, item["sources"], with_sdr=False)
         assert m["si-snr_i"] > 8, m  # real 2-speaker speech is highly separable by oracle masks
+
+
+def _end_of_epoch_weights(out):
+    import yaml
+
+    for d in sorted(os.listdir(out / "save")):
+        meta_path = out / "save" / d / "CKPT.yaml"
+        if d.startswith("CKPT+") and yaml.safe_load(meta_path.read_text()).get("end-of-epoch"):
+            return torch.load(out / "save" / d / "model.ckpt", weights_only=True)
+    raise AssertionError(f"no end-of-epoch checkpoint in {out}/save")
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, cache):
+    """Kill -9 right after an intra-epoch checkpoint, rerun the same command: the finished
+    model equals that of a run that was never interrupted (the lost steps are redone on the
+    same data, which is drawn from (seed, epoch, index))."""
+    import signal
+    import time
+
+    yaml = os.path.join(RECIPE, "hparams", "convtasnet-small.yaml")
+    data = [a for a in SMALL_DATA if not a.startswith("--train_mixtures_per_epoch")]
+    args = ["--number_of_epochs=1", "--train_mixtures_per_epoch=200", "--batch_size=2",
+            "--ckpt_interval_minutes=0", "--ckpt_interval_steps=20", f"--cache_folder={cache}",
+            *data, *TINY_MODEL]
+    run_recipe("train.py", yaml, tmp_path / "a", *args)
+    reference = _end_of_epoch_weights(tmp_path / "a")
+
+    out = tmp_path / "b"
+    cmd = [sys.executable, os.path.join(RECIPE, "train.py"), yaml, f"--output_folder={out}",
+           "--noprogressbar", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        # optimizer.ckpt is the last file speechbrain writes into a checkpoint folder: kill a
+        # few steps after the first intra-epoch checkpoint is complete, well before the next
+        if glob.glob(str(out / "save" / "CKPT+*" / "optimizer.ckpt")):
+            time.sleep(0.1)
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "test_results.csv").exists()
+    log = run_recipe("train.py", yaml, out, *args)
+    assert "Loading a checkpoint" in log
+    resumed = _end_of_epoch_weights(out)
+    for name, value in reference.items():
+        assert torch.allclose(resumed[name], value, atol=1e-6), name
