@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -74,7 +74,6 @@ class MixSpec:
     snrs_db: list
     length: int
     peak: float = 0.9
-    offsets: list = field(default_factory=list)  # where each source starts inside the mixture
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,10 +163,11 @@ def split_speakers(speakers, valid_fraction=0.1, test_fraction=0.1, seed=0, min_
 # Mixing
 
 
-def _fit(x: torch.Tensor, length: int, offset: int = 0) -> torch.Tensor:
+def _fit(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Trim or zero-pad ``x`` to ``length`` samples."""
     out = x.new_zeros(length)
-    n = min(len(x), length - offset)
-    out[offset:offset + n] = x[:n]
+    n = min(len(x), length)
+    out[:n] = x[:n]
     return out
 
 
@@ -179,14 +179,13 @@ def render_mixture(spec: MixSpec, utts: dict, sample_rate: int):
     peak to ``spec.peak``.
     """
     sources = []
-    for uid, start, speed, offset in zip(spec.utts, spec.starts, spec.speeds,
-                                         spec.offsets or [0] * len(spec.utts)):
+    for uid, start, speed in zip(spec.utts, spec.starts, spec.speeds):
         u = utts[uid]
-        need = math.ceil((spec.length - offset) * u.sample_rate * speed / (100 * sample_rate)) + 64
+        need = math.ceil(spec.length * u.sample_rate * speed / (100 * sample_rate)) + 64
         x, sr = read_audio(u.path, start=start, stop=min(u.frames, start + need))
         # Speed perturbation and resampling in one step: play `speed`% faster at sample_rate.
         x = resample(x, sr * speed, sample_rate * 100)
-        sources.append(_fit(x, spec.length, offset))
+        sources.append(_fit(x, spec.length))
     sources = torch.stack(sources, -1)
     power = sources.pow(2).mean(0).clamp_min(1e-12)
     snr = torch.tensor(spec.snrs_db, dtype=power.dtype)
@@ -517,7 +516,7 @@ class SeparationData:
                  f"corpus kind: {self.kind}; n_src={self.n_src}; target rate {self.sample_rate} Hz"]
         sets = self.datasets()
         if self.kind in ("synthetic", "speakers"):
-            by_split = self._speaker_corpus()
+            by_split = {s: list(sets[s].utts.values()) for s in SPLITS}  # no second scan
             lines.append(f"{'split':6} {'speakers':>8} {'utts':>6} {'hours':>7} {'min s':>6} "
                          f"{'mean s':>6} {'max s':>6}  sample rates")
             for s in SPLITS:
