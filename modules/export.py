@@ -117,6 +117,67 @@ def export(output_folder: str, hub_folder: str, hparams: str | None = None,
     return hub_folder
 
 
+def deployment_lengths(sample_rate: int) -> list[int]:
+    """Input lengths (samples) at which exported models are checked: short, odd, a few seconds."""
+    return [int(0.25 * sample_rate) + 3, sample_rate, int(3.3 * sample_rate) + 1]
+
+
+def _check_equal(name, run, model, lengths, tol):
+    """Largest |exported - PyTorch| over inputs of several lengths (batch 2); raises above tol."""
+    worst = 0.0
+    gen = torch.Generator().manual_seed(0)
+    for n in lengths:
+        x = torch.randn(2, n, generator=gen)
+        with torch.no_grad():
+            ref = model(x)
+        out = torch.as_tensor(run(x))
+        if out.shape != ref.shape:
+            raise RuntimeError(f"{name} output has shape {tuple(out.shape)} for an input of "
+                               f"{n} samples, PyTorch gives {tuple(ref.shape)}")
+        worst = max(worst, (out - ref).abs().max().item())
+    if not worst <= tol:
+        raise RuntimeError(f"{name} export differs from PyTorch by {worst:.2e} (> {tol:.0e})")
+    return worst
+
+
+def deploy(model: torch.nn.Module, folder: str, sample_rate: int, tol: float = 1e-4) -> dict:
+    """Write ``model.torchscript.pt`` (``torch.jit.script``) and ``model.onnx`` (opset 18,
+    dynamic batch and length) of a separation model into ``folder``, each checked against
+    PyTorch on inputs of several lengths. Returns ``{file name: max abs difference}``.
+
+    Both take ``mix [batch, time]`` and return ``[batch, time, n_src]``. The ONNX graph
+    needs inputs longer than one encoder frame (pad shorter ones with zeros)."""
+    import onnxruntime as ort
+
+    model = model.eval().cpu()
+    lengths = deployment_lengths(sample_rate)
+    os.makedirs(folder, exist_ok=True)
+    ts_path, onnx_path = os.path.join(folder, "model.torchscript.pt"), os.path.join(folder, "model.onnx")
+    try:
+        scripted = torch.jit.script(model)
+    except Exception as err:  # noqa: BLE001 - report which model cannot be scripted and why
+        raise RuntimeError(f"{type(model).__name__} cannot be compiled by torch.jit.script: {err}") from err
+    scripted.save(ts_path)
+    loaded = torch.jit.load(ts_path)
+    report = {"model.torchscript.pt": _check_equal("TorchScript", loaded, model, lengths, tol)}
+
+    frame = getattr(getattr(model, "encoder", None), "kernel_size", 1)
+    time_dim = torch.export.Dim("time", min=frame + 1)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(model, (torch.randn(2, lengths[-1]),), onnx_path, dynamo=True,
+                              input_names=["mix"], output_names=["sources"], opset_version=18,
+                              dynamic_shapes=({0: torch.export.Dim("batch"), 1: time_dim},),
+                              external_data=False, verbose=False)
+    except Exception as err:  # noqa: BLE001 - name the model and keep the exporter's reason
+        raise RuntimeError(f"{type(model).__name__} cannot be exported to ONNX with a dynamic "
+                           f"length: {str(err)[:2000]}") from err
+    sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    report["model.onnx"] = _check_equal(
+        "ONNX", lambda x: sess.run(None, {"mix": x.numpy()})[0], model, lengths, tol)
+    return report
+
+
 def push(hub_folder: str, repo_id: str):
     """Upload the folder to the Hugging Face Hub (needs a token: ``huggingface-cli login``)."""
     from huggingface_hub import HfApi
@@ -132,9 +193,20 @@ def main(argv=None):
     p.add_argument("hub_folder", help="folder to write")
     p.add_argument("--hparams", default=None, help="inference yaml (default: hparams/<experiment>.yaml)")
     p.add_argument("--push", default=None, metavar="REPO_ID", help="upload to this Hub repository")
+    p.add_argument("--deploy", action="store_true",
+                   help="also write model.torchscript.pt and model.onnx, checked against PyTorch")
     a = p.parse_args(argv)
     folder = export(a.output_folder, a.hub_folder, a.hparams, a.push)
     print(f"wrote {os.path.abspath(folder)} (hyperparams.yaml, model.ckpt, README.md)")
+    if a.deploy:
+        from .inference import Separator
+
+        sep = Separator.from_hparams(source=os.path.abspath(folder),
+                                     savedir=os.path.join(folder, ".check"))
+        shutil.rmtree(os.path.join(folder, ".check"), ignore_errors=True)
+        for name, diff in deploy(sep.mods.model, folder, sep.hparams.sample_rate).items():
+            print(f"wrote {name}: max |difference| to PyTorch {diff:.1e} at "
+                  f"{deployment_lengths(sep.hparams.sample_rate)} samples")
     if a.push:
         push(folder, a.push)
         print(f"uploaded to https://huggingface.co/{a.push}")

@@ -12,7 +12,6 @@ from modules.tasnet import ConvTasNet
 from test_recipes import SMALL_DATA, TINY_MODEL, run_recipe
 
 
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("export")
@@ -71,3 +70,48 @@ def test_push_uploads_the_checked_folder(trained, tmp_path, monkeypatch):
     assert calls == [("create", "me/tiny-tasnet"),
                      ("upload", "me/tiny-tasnet", ["README.md", "hyperparams.yaml", "model.ckpt"])]
     assert 'source="me/tiny-tasnet"' in (tmp_path / "hub" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("norm,causal", [("gLN", False), ("cLN", True)])
+def test_torchscript_and_onnx_match_pytorch_at_any_length(tmp_path, norm, causal):
+    import onnxruntime as ort
+
+    from modules.export import deploy
+
+    torch.manual_seed(0)
+    model = ConvTasNet(N=32, L=16, B=32, H=64, Sc=32, X=3, R=2, norm=norm, causal=causal).eval()
+    report = deploy(model, str(tmp_path), sample_rate=8000)
+    assert set(report) == {"model.torchscript.pt", "model.onnx"}
+    assert all(diff <= 1e-4 for diff in report.values())
+    scripted = torch.jit.load(str(tmp_path / "model.torchscript.pt"))
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    # lengths other than those deploy() checked: one frame + 1, odd, a multiple of the hop
+    for batch, n in [(1, 17), (3, 999), (1, 16000), (2, 24008)]:
+        x = 0.1 * torch.randn(batch, n)
+        with torch.no_grad():
+            ref = model(x)
+        onnx_out = torch.from_numpy(sess.run(None, {"mix": x.numpy()})[0])
+        assert onnx_out.shape == ref.shape == (batch, n, 2)
+        assert (onnx_out - ref).abs().max() <= 1e-4
+        assert torch.allclose(scripted(x), ref, atol=1e-6)
+
+
+def test_deploy_reports_a_mismatch(tmp_path, monkeypatch):
+    from modules import export as export_module
+
+    model = ConvTasNet(N=16, L=16, B=16, H=32, Sc=16, X=2, R=1).eval()
+    with pytest.raises(RuntimeError, match="differs from PyTorch"):  # tolerance no export meets
+        export_module.deploy(model, str(tmp_path), sample_rate=8000, tol=-1.0)
+
+
+def test_export_cli_writes_deployment_files(trained, tmp_path):
+    out, yaml_path = trained
+    hub = tmp_path / "hub"
+    assert export_main([str(out), str(hub), "--hparams", str(yaml_path), "--deploy"]) == 0
+    assert sorted(os.listdir(hub)) == ["README.md", "hyperparams.yaml", "model.ckpt",
+                                       "model.onnx", "model.torchscript.pt"]
+    sep = Separator.from_hparams(source=str(hub), savedir=str(tmp_path / "loaded"))
+    x = torch.randn(1, 3001)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(hub / "model.torchscript.pt"))(x),
+                              sep.separate_batch(x), atol=1e-6)
