@@ -47,6 +47,42 @@ def read_audio(path: str, start: int = 0, stop: int | None = None, mono: bool = 
     return x, sr
 
 
+def wav_truncation(path: str):
+    """``(declared, present)`` bytes of audio data when a WAV file is shorter than its header
+    says (an interrupted copy or download), else None. libsndfile reads such a file without a
+    word, so callers warn with this."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+                return None
+            while True:
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                n = int.from_bytes(chunk[4:], "little")
+                if chunk[:4] == b"data":
+                    present = size - f.tell()
+                    return (n, present) if n != 0xFFFFFFFF and n > present else None
+                f.seek(n + (n & 1), 1)
+    except OSError:
+        return None
+
+
+def clipped_fraction(x: torch.Tensor) -> float:
+    """Fraction of samples on flat tops at the signal's peak (x[t] == x[t-1], |x[t]| within
+    0.1 % of the peak): the mark of clipping at any full scale (16/24-bit or float), which a
+    smooth waveform, however loud, does not leave. ``x [time]`` or ``[time, channels]``."""
+    if x.shape[0] < 2:
+        return 0.0
+    peak = x.abs().max()
+    if peak == 0:
+        return 0.0
+    flat = (x[1:] == x[:-1]) & (x[1:].abs() >= 0.999 * peak)
+    return float(flat.float().mean())
+
+
 def resample(x: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     """Resample the last dimension from ``orig_sr`` to ``new_sr`` (integers, any ratio)."""
     if orig_sr == new_sr:

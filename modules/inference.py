@@ -25,7 +25,8 @@ import os
 import torch
 from speechbrain.inference.interfaces import Pretrained
 
-from .audio import AudioError, check_finite, match_level, read_audio, resample, write_audio
+from .audio import (AudioError, check_finite, clipped_fraction, match_level, read_audio, resample,
+                    wav_truncation, write_audio)
 from .losses import best_permutation, pairwise_si_snr, reorder
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,12 @@ class Separator(Pretrained):
     def sample_rate(self) -> int:
         return int(self.hparams.sample_rate)
 
+    @property
+    def min_samples(self) -> int:
+        """Shortest input the model can separate: one frame of its encoder."""
+        enc = getattr(self.mods.model, "encoder", None)
+        return int(getattr(enc, "kernel_size", None) or getattr(enc, "n_fft", None) or 1)
+
     def _chunking(self):
         sr = self.sample_rate
         chunk = int(getattr(self.hparams, "chunk_seconds", 10.0) * sr)
@@ -92,6 +99,11 @@ class Separator(Pretrained):
                              "down-mix or pick a channel first (separate_file does both)")
         mix = mix.to(self.device).float()
         check_finite(mix, "mixture")
+        if mix.shape[-1] < self.min_samples:
+            raise AudioError(
+                f"the mixture has {mix.shape[-1]} samples, shorter than one encoder frame "
+                f"({self.min_samples} samples = {1000 * self.min_samples / self.sample_rate:.1f} "
+                f"ms at {self.sample_rate} Hz); there is nothing to separate")
         chunk, overlap = self._chunking()
         model = self.mods.model
         if mix.shape[-1] <= chunk:
@@ -109,6 +121,15 @@ class Separator(Pretrained):
         x, sr = read_audio(path, mono=False)  # [time, channels]
         if x.shape[0] == 0:
             raise AudioError(f"{path}: the file holds no samples; nothing to separate")
+        cut = wav_truncation(str(path))
+        if cut:
+            logger.warning("%s is truncated: its header announces %d bytes of audio, %d are "
+                           "present; separating the %.2f s that are there", path, cut[0], cut[1],
+                           x.shape[0] / sr)
+        clipped = clipped_fraction(x)
+        if clipped > 1e-3:
+            logger.warning("%s looks clipped (%.1f%% of samples at full scale); separating it, "
+                           "but expect distortion in every source", path, 100 * clipped)
         if x.shape[1] > 1:
             if channel is None:
                 logger.warning("%s has %d channels: separating their average (pass channel=k "
@@ -125,7 +146,10 @@ class Separator(Pretrained):
         if x.abs().max() == 0:
             logger.warning("%s is silent: every separated source is silent", path)
         mix = resample(x, sr, self.sample_rate)
-        est = self.separate_batch(mix.unsqueeze(0))[0].cpu()
+        try:
+            est = self.separate_batch(mix.unsqueeze(0))[0].cpu()
+        except AudioError as err:
+            raise AudioError(f"{path}: {err}") from err
         out_sr = self.sample_rate
         if resample_output and sr != self.sample_rate:
             est = resample(est.T, self.sample_rate, sr).T

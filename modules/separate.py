@@ -55,6 +55,8 @@ def main(argv=None):
                               resample_output=a.resample_output)
         except (AudioError, OSError) as err:
             failed.append((path, str(err)))
+        except Exception as err:  # noqa: BLE001 - one file's failure must not stop the others
+            failed.append((path, f"{type(err).__name__}: {err}"))
     print(f"separated {len(paths) - len(failed)} of {len(paths)} files into {a.out}")
     for path, err in failed:
         print(f"FAILED {path}: {err}", file=sys.stderr)
