@@ -10,7 +10,12 @@ task-specific:
 * the validation stage halves the learning rate on plateau (``lr_scheduler`` in the yaml), logs
   to ``train_logger`` and keeps the best checkpoints by the yaml's ``valid_metric`` /
   ``valid_metric_mode`` (e.g. ``si-snr``, ``max``);
-* the test stage hands its statistics to :meth:`on_test_end`.
+* the test stage hands its statistics to :meth:`on_test_end`;
+* ``use_tensorboard: True`` writes TensorBoard scalars to ``tensorboard_folder`` (default
+  ``<output_folder>/tensorboard``): the training loss every ``tensorboard_interval`` updates, and
+  every epoch's train/valid statistics and learning rate;
+* under ``torchrun`` (DDP), stopping decisions (time budget) are taken by all processes together,
+  so no process waits forever for one that has stopped.
 
 A subclass implements ``compute_forward``, ``compute_objectives`` and may collect metrics in
 ``self.stage_metrics`` (a dict of running sums) during VALID/TEST.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 import speechbrain as sb
@@ -29,6 +35,15 @@ from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, registe
 from speechbrain.utils.epoch_loop import EpochCounter
 
 logger = logging.getLogger(__name__)
+
+
+def any_process(flag: bool) -> bool:
+    """True if ``flag`` is true in any process of a DDP run (just ``flag`` without DDP)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 @register_checkpoint_hooks
@@ -59,7 +74,7 @@ class BudgetedEpochCounter(EpochCounter):
         return self.max_minutes > 0 and self.elapsed >= 60 * self.max_minutes
 
     def __next__(self):
-        if self.budget_exhausted:
+        if any_process(self.budget_exhausted):
             logger.info("time budget of %.1f min spent (%.1f min): stopping training",
                         self.max_minutes, self.elapsed / 60)
             raise StopIteration
@@ -96,9 +111,31 @@ class BaseBrain(sb.Brain):
     def _optimizer_step_limit_exceeded(self):
         # speechbrain checks this before every training batch and after every epoch
         counter = getattr(self.hparams, "epoch_counter", None)
-        if isinstance(counter, BudgetedEpochCounter) and counter.budget_exhausted:
+        if isinstance(counter, BudgetedEpochCounter) and any_process(counter.budget_exhausted):
             return True
         return sb.Brain._optimizer_step_limit_exceeded.fget(self)
+
+    def on_fit_start(self):
+        super().on_fit_start()
+        self.tensorboard = None
+        if getattr(self.hparams, "use_tensorboard", False) and sb.utils.distributed.if_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+
+            folder = getattr(self.hparams, "tensorboard_folder", None) or os.path.join(
+                self.hparams.output_folder, "tensorboard")
+            self.tensorboard = SummaryWriter(folder)
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        every = getattr(self.hparams, "tensorboard_interval", 10)
+        if getattr(self, "tensorboard", None) and should_step and self.optimizer_step % every == 0:
+            self.tensorboard.add_scalar("train/loss_step", float(loss), self.optimizer_step)
+
+    def _log_tensorboard(self, prefix, stats, epoch):
+        if getattr(self, "tensorboard", None) is None:
+            return
+        for name, value in stats.items():
+            self.tensorboard.add_scalar(f"{prefix}/{name}", value, epoch)
+        self.tensorboard.flush()
 
     def on_stage_start(self, stage, epoch=None):
         self.stage_metrics = {}
@@ -128,6 +165,7 @@ class BaseBrain(sb.Brain):
         stats = self.stage_stats(stage_loss)
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats
+            self._log_tensorboard("train", stats, epoch)
             return
         if stage == sb.Stage.VALID:
             lr = self.optimizer.param_groups[0]["lr"]
@@ -136,6 +174,7 @@ class BaseBrain(sb.Brain):
                 # The scheduler minimises: give it a loss-like value.
                 value = stats[metric] if self.hparams.valid_metric_mode == "min" else -stats[metric]
                 _, lr = self.hparams.lr_scheduler([self.optimizer], epoch, value)
+            self._log_tensorboard("valid", {**stats, "lr": lr}, epoch)
             if hasattr(self.hparams, "train_logger"):
                 self.hparams.train_logger.log_stats(
                     stats_meta={"epoch": epoch, "lr": lr},

@@ -178,3 +178,18 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, cache):
     resumed = _end_of_epoch_weights(out)
     for name, value in reference.items():
         assert torch.allclose(resumed[name], value, atol=1e-6), name
+
+
+def test_tensorboard_logging(tmp_path, cache):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    yaml = os.path.join(RECIPE, "hparams", "convtasnet-small.yaml")
+    out = tmp_path / "tb"
+    run_recipe("train.py", yaml, out, "--number_of_epochs=2", "--use_tensorboard=True",
+               "--tensorboard_interval=2", f"--cache_folder={cache}", *SMALL_DATA, *TINY_MODEL)
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss_step", "train/loss", "valid/si-snr", "valid/lr"} <= tags
+    assert [e.step for e in acc.Scalars("valid/si-snr")] == [1, 2]
+    assert [e.step for e in acc.Scalars("train/loss_step")] == [2, 4]  # 2 x 2 updates of 4

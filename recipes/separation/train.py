@@ -25,7 +25,7 @@ import sys
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
-from speechbrain.utils.distributed import run_on_main
+from speechbrain.utils.distributed import ddp_init_group, if_main_process, run_on_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:  # `import modules` without installing the project
@@ -73,6 +73,8 @@ class SeparationBrain(BaseBrain):
                     self._save_example(uid, mix[b, :n], metrics_est, ref[b, :n], m)
 
     def _save_example(self, uid, mix, est, ref, metrics):
+        if not if_main_process():  # every DDP process evaluates; one writes
+            return
         folder = os.path.join(self.hparams.output_folder, "examples", uid)
         sr = self.hparams.sample_rate
         write_audio(os.path.join(folder, "mixture.wav"), mix, sr)
@@ -85,24 +87,27 @@ class SeparationBrain(BaseBrain):
 
     def on_test_end(self, stats):
         out = self.hparams.output_folder
-        with open(os.path.join(out, "test_results.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["snt_id", *METRIC_NAMES])
-            w.writeheader()
-            w.writerows(self.test_rows)
         n = len(self.test_rows)
         summary = {"n_mixtures": n, "data_folder": self.hparams.data_folder}
         for k in METRIC_NAMES:
             vals = torch.tensor([r[k] for r in self.test_rows], dtype=torch.float64)
             summary[k] = float(vals.mean()) if n else float("nan")
             summary[k + "_std"] = float(vals.std()) if n > 1 else 0.0
+        self.summary = summary
+        if not if_main_process():
+            return
+        with open(os.path.join(out, "test_results.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["snt_id", *METRIC_NAMES])
+            w.writeheader()
+            w.writerows(self.test_rows)
         with open(os.path.join(out, "test_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        self.summary = summary
 
 
 def run(argv=None):
     """Train (unless ``--test_only``) and test; returns the test summary dict."""
     hparams_file, run_opts, overrides = sb.parse_arguments(argv if argv is not None else sys.argv[1:])
+    ddp_init_group(run_opts)  # under torchrun: join the process group (gloo on CPU, nccl on GPUs)
     with open(hparams_file, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, overrides)
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
@@ -123,7 +128,7 @@ def run(argv=None):
     summary["params_M"] = n_params / 1e6
     summary["train_minutes"] = hparams["epoch_counter"].elapsed / 60
     summary["epochs"] = hparams["epoch_counter"].current
-    if sb.utils.distributed.if_main_process():
+    if if_main_process():
         print_summary(hparams, summary)
     return summary
 
