@@ -14,6 +14,8 @@ task-specific:
 * ``use_tensorboard: True`` writes TensorBoard scalars to ``tensorboard_folder`` (default
   ``<output_folder>/tensorboard``): the training loss every ``tensorboard_interval`` updates, and
   every epoch's train/valid statistics and learning rate;
+* :class:`SafeCheckpointer` (the ``checkpointer`` of our yamls) never offers a half-written
+  checkpoint for recovery;
 * under ``torchrun`` (DDP), stopping decisions (time budget) are taken by all processes together,
   so no process waits forever for one that has stopped.
 
@@ -26,12 +28,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 
 import speechbrain as sb
 import torch
 from speechbrain.dataio.batch import PaddedBatch
-from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
+from speechbrain.utils.checkpoints import (Checkpointer, mark_as_loader, mark_as_saver,
+                                           register_checkpoint_hooks)
 from speechbrain.utils.epoch_loop import EpochCounter
 
 logger = logging.getLogger(__name__)
@@ -44,6 +48,43 @@ def any_process(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+class SafeCheckpointer(Checkpointer):
+    """A SpeechBrain ``Checkpointer`` whose checkpoints count only once completely written.
+
+    SpeechBrain writes ``CKPT.yaml`` first and then each object's file, so a run killed during a
+    save leaves a folder that recovery takes for a checkpoint and then fails to load (a missing
+    or truncated ``.ckpt``). Here an ``INCOMPLETE`` marker is created before ``CKPT.yaml`` and
+    removed after the last file; marked folders are ignored, and deleted when recovering.
+    """
+
+    MARKER = "INCOMPLETE"
+
+    def _save_checkpoint_metafile(self, fpath, meta, end_of_epoch):
+        open(os.path.join(os.path.dirname(fpath), self.MARKER), "w").close()
+        return super()._save_checkpoint_metafile(fpath, meta, end_of_epoch)
+
+    def save_checkpoint(self, *args, **kwargs):
+        ckpt = super().save_checkpoint(*args, **kwargs)
+        if ckpt is not None:  # the main process, once every file is written
+            os.remove(os.path.join(ckpt.path, self.MARKER))
+        return ckpt
+
+    def _incomplete(self, path) -> bool:
+        return os.path.exists(os.path.join(path, self.MARKER))
+
+    def _list_checkpoint_dirs(self):
+        return [d for d in super()._list_checkpoint_dirs() if not self._incomplete(d)]
+
+    def recover_if_possible(self, *args, **kwargs):
+        if sb.utils.distributed.if_main_process() and self.checkpoints_dir.exists():
+            for d in self.checkpoints_dir.iterdir():
+                if d.is_dir() and self._incomplete(d):
+                    logger.warning("removing %s: a checkpoint whose writing was interrupted", d)
+                    shutil.rmtree(d)
+        sb.utils.distributed.ddp_barrier()
+        return super().recover_if_possible(*args, **kwargs)
 
 
 @register_checkpoint_hooks
