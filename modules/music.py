@@ -91,11 +91,14 @@ def chorale_parts(source) -> list:
 
 
 def load_chorales(cache_folder: str, limit: int | None = None) -> dict:
-    """``{name: parts}`` of every four-voice Bach chorale of the music21 corpus, parsed once and
-    cached as JSON in ``cache_folder`` (parsing all of them takes a few minutes)."""
+    """``{name: parts}`` of the four-voice Bach chorales of the music21 corpus (the first
+    ``limit`` scores only, when given), parsed once and cached as JSON in ``cache_folder``
+    (parsing all of them takes a few minutes)."""
     from music21 import corpus
 
-    path = os.path.join(cache_folder, "bach_chorales.json")
+    full = os.path.join(cache_folder, "bach_chorales.json")
+    path = full if limit is None or os.path.exists(full) else os.path.join(
+        cache_folder, f"bach_chorales_first{limit}.json")
     if os.path.exists(path):
         with open(path) as f:
             cached = json.load(f)
@@ -104,14 +107,19 @@ def load_chorales(cache_folder: str, limit: int | None = None) -> dict:
         from tqdm import tqdm
 
         chorales = {}
-        for p in tqdm(sorted(corpus.getComposer("bach"), key=str), desc="parsing chorales", unit="score"):
-            try:
-                parts = chorale_parts(p)
-            except Exception as err:  # noqa: BLE001 - a score music21 cannot read is skipped
-                logger.warning("skipping %s: %s", p, err)
-                continue
-            if parts and all(parts):
-                chorales[os.path.basename(str(p)).rsplit(".", 1)[0]] = parts
+        scores = sorted(corpus.getComposer("bach"), key=str)
+        with tqdm(total=limit or len(scores), desc="parsing chorales", unit="score") as bar:
+            for p in scores:
+                if limit and len(chorales) >= limit:
+                    break
+                try:
+                    parts = chorale_parts(p)
+                except Exception as err:  # noqa: BLE001 - a score music21 cannot read is skipped
+                    logger.warning("skipping %s: %s", p, err)
+                    continue
+                if parts and all(parts):
+                    chorales[os.path.basename(str(p)).rsplit(".", 1)[0]] = parts
+                    bar.update(1)
         os.makedirs(cache_folder, exist_ok=True)
         with open(path, "w") as f:
             json.dump({k: [[[n.pitch, n.onset, n.offset] for n in part] for part in v]
@@ -282,3 +290,59 @@ def scan_stem_folder(folder: str) -> dict:
         raise FileNotFoundError(f"no piece folder under {folder} holds two or more "
                                 "<name>.wav + <name>.mid pairs")
     return pieces
+
+
+class ChoraleData:
+    """The datasets of the timbre recipe (all options are yaml keys): training examples of
+    ``train_instruments`` drawn anew each epoch, fixed validation examples, and fixed test sets
+    of each count in ``test_instruments``, from chorale-disjoint splits."""
+
+    def __init__(self, cache_folder="results/data_cache", sample_rate=16000, n_train=400, n_valid=20,
+                 n_test=50, train_instruments=2, test_instruments=(2, 3), max_seconds=6.0,
+                 seed=0, soundfont=None, max_chorales=None, valid_fraction=0.1, test_fraction=0.15,
+                 instruments=None):
+        self.cache_folder, self.sample_rate, self.seed = cache_folder, sample_rate, seed
+        self.n_train, self.n_valid, self.n_test = n_train, n_valid, n_test
+        self.train_instruments, self.test_instruments = train_instruments, tuple(test_instruments)
+        self.soundfont, self.max_chorales = soundfont, max_chorales
+        self.fractions = (valid_fraction, test_fraction)
+        self.example_kw = {"max_seconds": max_seconds}
+        if instruments:
+            unknown = set(instruments) - set(INSTRUMENTS)
+            if unknown:
+                raise ValueError(f"unknown instruments {sorted(unknown)}; known: {sorted(INSTRUMENTS)}")
+            self.example_kw["instruments"] = list(instruments)
+
+    def datasets(self) -> dict:
+        chorales = load_chorales(self.cache_folder, self.max_chorales)
+        split = split_pieces(list(chorales), *self.fractions, seed=self.seed)
+        part = {s: {k: chorales[k] for k in names} for s, names in split.items()}
+        logger.info("chorales: %s", {s: len(v) for s, v in part.items()})
+        kw = dict(sample_rate=self.sample_rate, soundfont=self.soundfont, **self.example_kw)
+        sets = {"train": ChoraleDataset(part["train"], self.n_train, self.train_instruments,
+                                        seed=self.seed, fixed=False, **kw),
+                "valid": ChoraleDataset(part["valid"], self.n_valid, self.train_instruments,
+                                        seed=self.seed + 1, **kw)}
+        for n in self.test_instruments:
+            sets[f"test{n}"] = ChoraleDataset(part["test"], self.n_test, n, seed=self.seed + 10 + n, **kw)
+        return sets
+
+
+class ExampleBatch:
+    """A batch of MusicExample: ``mix [B, time]`` zero-padded, ``lengths`` in samples,
+    ``examples`` (the stems and notes, unpadded)."""
+
+    def __init__(self, examples):
+        self.examples = examples
+        self.id = [e.id for e in examples]
+        self.lengths = torch.tensor([e.mix.shape[0] for e in examples])
+        self.mix = torch.zeros(len(examples), int(self.lengths.max()))
+        for i, e in enumerate(examples):
+            self.mix[i, : e.mix.shape[0]] = e.mix
+
+    def to(self, device):
+        self.mix = self.mix.to(device)
+        return self
+
+    def pin_memory(self):
+        return self

@@ -1,0 +1,129 @@
+"""Timbre model pieces: note-aligned front end, targets that match the audio, scoring, recipe."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from modules.music import Note, Renderer, chorale_parts, make_example
+from modules.timbre import (NoteFrontEnd, TimbreNet, evaluate_example, midi_hz, note_f1,
+                            roll_to_notes, semitone_filterbank, unit_targets)
+
+SR = 16000
+
+
+def tone(pitch, seconds=1.0, harmonics=1):
+    t = torch.arange(int(seconds * SR)) / SR
+    f0 = float(midi_hz(pitch))
+    return sum(torch.sin(2 * torch.pi * h * f0 * t) / h for h in range(1, harmonics + 1))
+
+
+def test_filterbank_rows_are_normalised_and_peak_at_their_pitch():
+    fb = semitone_filterbank(SR, 2048, 28, 80)
+    assert torch.allclose(fb.sum(1), torch.ones(80))
+    freqs = torch.arange(1025) * SR / 2048
+    peak_hz = freqs[fb.argmax(1)]
+    centre = midi_hz(torch.arange(28, 108)).float()
+    assert (torch.abs(peak_hz - centre) <= SR / 2048).all()
+
+
+def test_pure_tone_lands_on_its_pitch_and_harmonics_stack_on_the_fundamental():
+    fe = NoteFrontEnd()
+    feats, units = fe(tone(69, harmonics=4)[None])            # A4 with 4 partials
+    mag = units[0].abs().mean(-1)
+    assert int(mag.argmax()) + fe.min_pitch == 69
+    # channel of harmonic 2 (index of 2 in harmonics) at A4 holds the energy of A5 (its 2nd partial)
+    h2 = fe.harmonics.index(2)
+    p = 69 - fe.min_pitch
+    assert torch.allclose(feats[0, h2, p], feats[0, fe.harmonics.index(1), p + 12])
+    assert feats.shape[1] == fe.channels and torch.isfinite(feats).all()
+
+
+def test_phase_feature_is_flat_for_a_tone_on_its_pitch():
+    fe = NoteFrontEnd()
+    feats, _ = fe(tone(60)[None])
+    p = 60 - fe.min_pitch
+    cos = feats[0, -2, p, 5:-5]
+    assert cos.std() < 0.05  # constant phase advance: the expected one, up to the bin offset
+
+
+@pytest.fixture(scope="module")
+def example():
+    parts = chorale_parts("bach/bwv66.6")
+    return make_example("x", parts, np.random.default_rng(1), 2, SR, Renderer(SR), max_seconds=3)
+
+
+def test_targets_match_the_audio(example):
+    fe = NoteFrontEnd()
+    tg = unit_targets(fe, example.stems, example.notes)
+    mag = fe.units(example.mix[None])[0].abs()
+    for i in range(2):
+        on = tg["rolls"][i].bool()
+        assert on.any()
+        assert float((tg["owner"][on] == i).float().mean()) > 0.9   # a stem owns its notes
+        assert mag[on].mean() > 3 * mag[~on].mean()                 # notes are where energy is
+    n_notes = sum(len(part) for part in example.notes)
+    assert 0.8 * n_notes <= tg["onsets"].sum() <= n_notes  # one onset unit per note (few coincide)
+
+
+def test_roll_to_notes_round_trip_and_perfect_f1():
+    fe = NoteFrontEnd()
+    hop = fe.hop_length / SR
+    roll = torch.zeros(80, 100, dtype=torch.bool)
+    roll[32, 10:30] = True
+    roll[44, 20:60] = True
+    roll[50, 70:71] = True        # one frame: dropped
+    notes = roll_to_notes(roll, hop, fe.min_pitch)
+    assert [(n.pitch, round(n.onset / hop), round(n.offset / hop)) for n in notes] == \
+        [(60, 10, 30), (72, 20, 60)]
+    onsets = torch.zeros_like(roll)
+    onsets[44, 40] = True         # a repeated note inside the second run
+    split = roll_to_notes(roll, hop, fe.min_pitch, onsets=onsets)
+    assert [(n.pitch, round(n.onset / hop), round(n.offset / hop)) for n in split] == \
+        [(60, 10, 30), (72, 20, 40), (72, 40, 60)]
+    assert note_f1(notes, notes)["onset_f1"] == 1.0 and note_f1(notes, [])["onset_f1"] == 0.0
+
+
+def test_perfect_embeddings_score_as_the_oracle(example):
+    fe = NoteFrontEnd()
+    tg = unit_targets(fe, example.stems, example.notes)
+    onehot = torch.nn.functional.one_hot(tg["owner"], 2).permute(2, 0, 1).float()
+    out = {"note_logits": 20 * (tg["rolls"].amax(0) - 0.5), "embeddings": onehot,
+           "onset_logits": 20 * (tg["onsets"].amax(0) - 0.5)}
+    res = evaluate_example(out, tg, example.notes, fe)
+    assert res["cluster_accuracy"] == 1.0
+    assert res["instrument_onset_f1"] == pytest.approx(res["oracle_clusters_onset_f1"])
+    assert res["agnostic_onset_f1"] > 0.9
+    assert res["random_clusters_onset_f1"] < res["oracle_clusters_onset_f1"]
+
+
+def test_model_shapes_and_gradients():
+    model = TimbreNet(channels=16, blocks=2, emb_dim=8)
+    out = model(torch.randn(2, SR))
+    t = model.front_end.frames(SR)
+    assert out["note_logits"].shape == (2, 80, t) and out["embeddings"].shape == (2, 8, 80, t)
+    assert torch.allclose(out["embeddings"].norm(dim=1), torch.ones(2, 80, t), atol=1e-5)
+    (out["note_logits"].mean() + out["onset_logits"].mean() + out["embeddings"][:, 0].mean()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_recipe_debug_run(tmp_path):
+    out = tmp_path / "timbre"
+    cmd = [sys.executable, os.path.join(ROOT, "recipes", "timbre", "train.py"),
+           os.path.join(ROOT, "recipes", "timbre", "hparams", "timbre.yaml"), "--debug",
+           f"--output_folder={out}", f"--cache_folder={tmp_path / 'cache'}", "--noprogressbar",
+           "--max_chorales=12", "--n_train=4", "--n_valid=1", "--n_test=1", "--max_seconds=1.5",
+           "--channels=16", "--blocks=2", "--n_examples=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "test_summary.json").read_text())
+    assert set(summary) >= {"test2", "test3"}
+    for name in ("test2", "test3"):
+        assert 0 <= summary[name]["instrument_onset_f1"] <= 1
+        assert (out / f"{name}_results.csv").exists()
+        assert len(os.listdir(out / "examples" / name)) == 1
