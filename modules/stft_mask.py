@@ -100,3 +100,66 @@ def ideal_mask_separation(mix: torch.Tensor, sources: torch.Tensor, kind: str = 
     else:
         raise ValueError(f"unknown oracle mask {kind!r}; use 'ibm' or 'irm'")
     return dec(masks * X.unsqueeze(0), mix.shape[-1]).T
+
+
+class DeepClusteringNet(nn.Module):
+    """Deep clustering separation (Hershey, Chen, Le Roux & Watanabe, ICASSP 2016).
+
+    A BLSTM maps the log magnitude of the mixture STFT to a unit-norm ``emb_dim``-dimensional
+    embedding per time-frequency unit. Training (``forward(mix, sources)``, how the separation
+    recipe trains any model that sets ``trains_itself``) returns the deep-clustering loss
+    ``||VV^T - YY^T||^2`` per item (low-rank form, :func:`modules.clustering.deep_clustering_loss`),
+    Y being the ideal binary assignment of each unit to its loudest source, over the units
+    within ``active_db`` of the item's loudest unit. Separation (``forward(mix)``) clusters the
+    embeddings of the active units into ``n_src`` groups with k-means, gives every unit to its
+    nearest centroid, and applies the binary masks to the mixture STFT: ``[batch, time, n_src]``.
+    """
+
+    trains_itself = True
+
+    def __init__(self, n_fft=256, hop_length=64, hidden=300, layers=2, emb_dim=20, n_src=2,
+                 active_db=-40.0, dropout=0.0, seed=0):
+        super().__init__()
+        self.encoder, self.decoder = STFTEncoder(n_fft, hop_length), ISTFTDecoder(n_fft, hop_length)
+        self.n_freq, self.emb_dim, self.n_src, self.active_db, self.seed = (
+            n_fft // 2 + 1, emb_dim, n_src, active_db, seed)
+        self.rnn = nn.LSTM(self.n_freq, hidden, layers, batch_first=True, dropout=dropout,
+                           bidirectional=True)
+        self.proj = nn.Linear(2 * hidden, self.n_freq * emb_dim)
+
+    def embed(self, spec):
+        """Complex STFT ``[B, F, T]`` -> unit-norm embeddings ``[B, T * F, D]`` (time-major)."""
+        h, _ = self.rnn(torch.log1p(spec.abs()).transpose(1, 2))
+        v = torch.tanh(self.proj(h)).view(spec.shape[0], -1, self.emb_dim)
+        return torch.nn.functional.normalize(v, dim=-1)
+
+    def active(self, spec):
+        """``[B, T * F]`` bool: units within ``active_db`` of the item's loudest unit."""
+        db = 20 * torch.log10(spec.abs().transpose(1, 2).flatten(1) + 1e-8)
+        return db > db.amax(1, keepdim=True) + self.active_db
+
+    def forward(self, mix, sources=None):
+        spec = self.encoder(mix)
+        v = self.embed(spec)
+        if sources is not None:
+            from .clustering import deep_clustering_loss
+
+            s = self.encoder(sources.transpose(1, 2).flatten(0, 1)).abs()          # [B*S, F, T]
+            s = s.view(mix.shape[0], -1, *s.shape[1:])
+            owner = s.argmax(1).transpose(1, 2).flatten(1)                         # [B, T*F]
+            return deep_clustering_loss(v.float(), owner, self.active(spec).float())
+        return self.separate(spec, v, mix.shape[-1])
+
+    def separate(self, spec, v, length):
+        from .clustering import kmeans
+
+        out = []
+        for b in range(spec.shape[0]):
+            act = self.active(spec[b:b + 1])[0]
+            points = v[b][act] if act.sum() >= self.n_src else v[b]
+            _, centroids, _ = kmeans(points.float(), self.n_src, seed=self.seed)
+            labels = torch.cdist(v[b].float(), centroids).argmin(1)                # every unit
+            masks = torch.nn.functional.one_hot(labels, self.n_src).T.float()      # [S, T*F]
+            masks = masks.view(self.n_src, spec.shape[2], self.n_freq).transpose(1, 2)
+            out.append(self.decoder(masks * spec[b:b + 1], length).T)              # [time, S]
+        return torch.stack(out)

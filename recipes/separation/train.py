@@ -9,7 +9,9 @@ Usage::
 Any yaml key can be overridden on the command line. Without ``--data_folder`` a synthetic
 speech-like corpus is generated (not real speech). The model is whatever ``model`` the yaml
 builds: anything that maps a mixture ``[batch, time]`` to ``[batch, time, n_src]``. Training
-minimises the negative SI-SNR with permutation-invariant training. The test stage writes
+minimises the negative SI-SNR with permutation-invariant training, unless the model sets
+``trains_itself`` (deep clustering): then ``model(mix, sources)`` returns its own loss per
+mixture during training, and validation/test score its separations like any other model's. The test stage writes
 ``test_results.csv`` (one row per mixture), ``test_summary.json``, and a few example
 separations (WAV + spectrogram PNG) under ``<output_folder>/examples``.
 """
@@ -45,9 +47,16 @@ class SeparationBrain(BaseBrain):
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
         self._batch_ids = batch.id
-        return self.modules.model(batch.mix.data)
+        model = self.modules.model
+        if stage == sb.Stage.TRAIN and getattr(getattr(model, "module", model), "trains_itself", False):
+            # a model with its own training objective (e.g. deep clustering) returns its loss
+            # per mixture when given the sources; it still separates like any other at test
+            return {"loss": model(batch.mix.data, batch.sources.data)}
+        return model(batch.mix.data)
 
     def compute_objectives(self, est, batch, stage):
+        if isinstance(est, dict):
+            return est["loss"].mean()
         ref = batch.sources.data.float()
         est = est.float()
         loss = pit_si_snr_loss(est, ref)
