@@ -63,6 +63,55 @@ def chunked_separation(model, mix: torch.Tensor, chunk: int, overlap: int) -> to
     return out
 
 
+def interface_class(hparams_path: str):
+    """The Pretrained class that serves a model folder: the yaml's top-level
+    ``interface: <module.Class>`` line, or :class:`Separator` when there is none."""
+    import importlib
+    import re
+
+    with open(hparams_path) as f:
+        m = re.search(r"^interface:[ \t]*([\w.]+)", f.read(), re.M)
+    if not m:
+        return Separator
+    module, _, name = m.group(1).rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_mono(path, channel=None):
+    """Read an audio file for a model: ``(signal [time], sample_rate)``. Refuses empty, unreadable
+    and NaN/Inf files (AudioError naming the file); warns about truncated WAVs, clipping and
+    silence; averages the channels of a multi-channel file with a warning unless ``channel``
+    picks one."""
+    x, sr = read_audio(path, mono=False)  # [time, channels]
+    if x.shape[0] == 0:
+        raise AudioError(f"{path}: the file holds no samples; nothing to separate")
+    cut = wav_truncation(str(path))
+    if cut:
+        logger.warning("%s is truncated: its header announces %d bytes of audio, %d are "
+                       "present; separating the %.2f s that are there", path, cut[0], cut[1],
+                       x.shape[0] / sr)
+    clipped = clipped_fraction(x)
+    if clipped > 1e-3:
+        logger.warning("%s looks clipped (%.1f%% of samples at full scale); separating it, "
+                       "but expect distortion in every source", path, 100 * clipped)
+    if x.shape[1] > 1:
+        if channel is None:
+            logger.warning("%s has %d channels: separating their average (pass channel=k "
+                           "to separate one channel)", path, x.shape[1])
+            x = x.mean(1)
+        elif not 0 <= channel < x.shape[1]:
+            raise AudioError(f"{path}: channel {channel} asked but the file has "
+                             f"{x.shape[1]} channels (0..{x.shape[1] - 1})")
+        else:
+            x = x[:, channel]
+    else:
+        x = x[:, 0]
+    check_finite(x, str(path))
+    if x.abs().max() == 0:
+        logger.warning("%s is silent: every separated source is silent", path)
+    return x, sr
+
+
 class Separator(Pretrained):
     """Speech separation from a pretrained folder (see the module docstring).
 
@@ -118,33 +167,7 @@ class Separator(Pretrained):
         ``output_dir``, writes ``<name>_source<k>.wav`` per source at the mixture's level,
         never clipped.
         """
-        x, sr = read_audio(path, mono=False)  # [time, channels]
-        if x.shape[0] == 0:
-            raise AudioError(f"{path}: the file holds no samples; nothing to separate")
-        cut = wav_truncation(str(path))
-        if cut:
-            logger.warning("%s is truncated: its header announces %d bytes of audio, %d are "
-                           "present; separating the %.2f s that are there", path, cut[0], cut[1],
-                           x.shape[0] / sr)
-        clipped = clipped_fraction(x)
-        if clipped > 1e-3:
-            logger.warning("%s looks clipped (%.1f%% of samples at full scale); separating it, "
-                           "but expect distortion in every source", path, 100 * clipped)
-        if x.shape[1] > 1:
-            if channel is None:
-                logger.warning("%s has %d channels: separating their average (pass channel=k "
-                               "to separate one channel)", path, x.shape[1])
-                x = x.mean(1)
-            elif not 0 <= channel < x.shape[1]:
-                raise AudioError(f"{path}: channel {channel} asked but the file has "
-                                 f"{x.shape[1]} channels (0..{x.shape[1] - 1})")
-            else:
-                x = x[:, channel]
-        else:
-            x = x[:, 0]
-        check_finite(x, str(path))
-        if x.abs().max() == 0:
-            logger.warning("%s is silent: every separated source is silent", path)
+        x, sr = load_mono(path, channel)
         mix = resample(x, sr, self.sample_rate)
         try:
             est = self.separate_batch(mix.unsqueeze(0))[0].cpu()
@@ -159,4 +182,198 @@ class Separator(Pretrained):
             scaled = match_level(est, mix[: est.shape[0]])
             for k in range(est.shape[1]):
                 write_audio(os.path.join(output_dir, f"{stem}_source{k + 1}.wav"), scaled[:, k], out_sr)
+        return est.unsqueeze(0)
+
+
+class TimbreTranscriber(Pretrained):
+    """Transcription per instrument and timbre separation of music (:class:`modules.timbre.TimbreNet`).
+
+    ``transcribe_file(path, n_instruments=None, output_dir=None, target=None)`` returns a dict:
+
+    * ``notes``: one list of :class:`modules.music.Note` per instrument (cluster);
+    * ``rolls``: ``[K, pitches, frames]`` bool piano rolls (MIDI pitch ``min_pitch + row``);
+    * ``audio``: ``[time, K]`` the mixture masked per instrument (at ``sample_rate``), or, with
+      ``target=k``, ``[time, 2]``: instrument k and the rest;
+    * ``n_instruments``: K, given or estimated from the embeddings (silhouette, 2..6).
+
+    With ``output_dir``, writes ``<name>_instrument<k>.mid``/``.wav`` (``target``/``rest`` in
+    target mode) and ``<name>_rolls.png``.
+    """
+
+    HPARAMS_NEEDED = ["sample_rate"]
+    MODULES_NEEDED = ["model"]
+
+    @torch.no_grad()
+    def transcribe_file(self, path, n_instruments=None, output_dir=None, target=None, channel=None,
+                        threshold=0.5):
+        from .clustering import cluster_units
+        from .timbre import roll_to_notes
+
+        sr = int(self.hparams.sample_rate)
+        x, file_sr = load_mono(path, channel)
+        x = resample(x, file_sr, sr).to(self.device)
+        model = self.mods.model
+        fe = model.front_end
+        if x.shape[0] < fe.n_fft:
+            raise AudioError(f"{path}: {x.shape[0]} samples at {sr} Hz is shorter than one "
+                             f"analysis frame ({fe.n_fft} samples); nothing to transcribe")
+        out = model(x[None])
+        roll = torch.sigmoid(out["note_logits"][0]) > threshold
+        onsets = torch.sigmoid(out["onset_logits"][0]) > threshold
+        level = 20 * torch.log10(out["units"][0].abs() + 1e-8)
+        active = level > level.max() - 40
+        units = roll | active
+        emb = out["embeddings"][0].flatten(1).T
+        labels = cluster_units(emb, units.flatten(), k=n_instruments).view(roll.shape)
+        k = int(labels.max()) + 1 if (labels >= 0).any() else 0
+        hop_s = fe.hop_length / sr
+        rolls = torch.stack([roll & (labels == c) for c in range(k)]) if k else roll[None] & False
+        notes = [roll_to_notes(r, hop_s, fe.min_pitch, onsets=onsets) for r in rolls]
+        audio = self._masked_audio(x, labels, k, units)
+        if target is not None:
+            if not 0 <= target < k:
+                raise ValueError(f"target={target} but {k} instruments were found (0..{k - 1})")
+            audio = torch.stack([audio[:, target], audio.sum(1) - audio[:, target]], 1)
+        result = {"notes": notes, "rolls": rolls.cpu(), "audio": audio.cpu(), "n_instruments": k}
+        if output_dir is not None:
+            self._write(path, output_dir, result, target, sr, out["units"][0].cpu(), fe)
+        return result
+
+    def _masked_audio(self, x, labels, k, units):
+        """Unit labels -> per-instrument soft masks on the STFT bins (each bin averages the
+        masks of the semitone units covering it; inactive units are shared equally) -> iSTFT."""
+        fe = self.mods.model.front_end
+        masks = torch.stack([(labels == c).float() for c in range(k)]) if k else labels[None].float() * 0
+        masks = torch.where(units[None], masks, torch.full_like(masks, 1.0 / max(k, 1)))
+        weight = fe.fbank.sum(0).clamp_min(1e-8)                           # [F]
+        stft_masks = torch.einsum("pf,kpt->kft", fe.fbank, masks) / weight[None, :, None]
+        uncovered = fe.fbank.sum(0) < 1e-6                                 # bins no pitch covers
+        stft_masks[:, uncovered] = 1.0 / max(k, 1)
+        spec = torch.stft(x, fe.n_fft, fe.hop_length, window=fe.window, return_complex=True)
+        return torch.istft(stft_masks * spec[None], fe.n_fft, fe.hop_length, window=fe.window,
+                           length=x.shape[0]).T
+
+    def _write(self, path, output_dir, result, target, sr, units, fe):
+        import pretty_midi
+
+        from .timbre import plot_example
+
+        os.makedirs(output_dir, exist_ok=True)
+        stem = os.path.splitext(os.path.basename(str(path)))[0]
+        names = (["target", "rest"] if target is not None
+                 else [f"instrument{k + 1}" for k in range(result["n_instruments"])])
+        scaled = match_level(result["audio"], result["audio"].sum(1))
+        for k, name in enumerate(names):
+            write_audio(os.path.join(output_dir, f"{stem}_{name}.wav"), scaled[:, k], sr)
+        for k, notes in enumerate(result["notes"]):
+            pm = pretty_midi.PrettyMIDI()
+            inst = pretty_midi.Instrument(program=0, name=f"instrument {k + 1}")
+            inst.notes = [pretty_midi.Note(velocity=90, pitch=n.pitch, start=n.onset, end=n.offset)
+                          for n in notes]
+            pm.instruments.append(inst)
+            pm.write(os.path.join(output_dir, f"{stem}_instrument{k + 1}.mid"))
+        k = result["n_instruments"]
+        labels = torch.full(result["rolls"].shape[1:], -1)
+        for c in range(k):
+            labels[result["rolls"][c]] = c
+        plot_example(os.path.join(output_dir, f"{stem}_rolls.png"), units, None, labels,
+                     result["rolls"].any(0),
+                     {c: c for c in range(k)}, [f"cluster {c + 1}" for c in range(k)], fe,
+                     title=f"{stem}: estimated notes per instrument (top: mixture)")
+
+
+class TargetSpeakerExtractor(Pretrained):
+    """Target-speaker extraction from a pretrained folder (:mod:`modules.tse` models).
+
+    Usage::
+
+        tse = TargetSpeakerExtractor.from_hparams(source="<folder or HF id>", savedir="pretrained/x")
+        est = tse.extract_file("mixture.wav", "enrollment.wav", output_dir="out/")  # [1, time]
+        est = tse.extract_batch(mix, enroll, mix_lens, enroll_lens)              # [batch, time]
+
+    Files are read as :meth:`Separator.separate_file` reads them (:func:`load_mono`: channel
+    average or ``channel``, truncation/clipping warnings) and resampled to ``sample_rate``. A
+    mixture longer than ``chunk_seconds`` (default 10) is extracted in chunks overlapping by
+    ``overlap_seconds`` (2), each with the same enrolment, cross-faded on the overlaps
+    (:func:`chunked_separation` with one source).
+    """
+
+    HPARAMS_NEEDED = ["sample_rate"]
+    MODULES_NEEDED = ["model"]
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.hparams.sample_rate)
+
+    def _min_samples(self):
+        """(mixture, enrolment) shortest lengths: one encoder frame and one WavLM frame."""
+        from .tse import receptive_field_samples
+
+        model = self.mods.model
+        cfg = model.wavlm.config
+        wavlm = receptive_field_samples(cfg.conv_kernel, cfg.conv_stride)
+        return max(model.encoder.kernel_size, wavlm), wavlm
+
+    def _check(self, x: torch.Tensor, what: str, shortest: int) -> torch.Tensor:
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        if x.dim() != 2:
+            raise AudioError(f"expected the {what} as [batch, time], got shape {tuple(x.shape)}; "
+                             "down-mix or pick a channel first (extract_file does both)")
+        x = x.to(self.device).float()
+        check_finite(x, what)
+        if x.shape[-1] < shortest:
+            raise AudioError(f"the {what} has {x.shape[-1]} samples, fewer than the model needs "
+                             f"({shortest} samples = {1000 * shortest / self.sample_rate:.1f} ms at "
+                             f"{self.sample_rate} Hz)")
+        return x
+
+    @torch.no_grad()
+    def extract_batch(self, mix: torch.Tensor, enroll: torch.Tensor, mix_lens=None,
+                      enroll_lens=None) -> torch.Tensor:
+        """``mix [batch, time]``, ``enroll [batch, time']`` at ``sample_rate`` (relative lengths
+        optional, SpeechBrain convention) -> target estimates ``[batch, time]`` (zero beyond each
+        mixture's length)."""
+        shortest_mix, shortest_enroll = self._min_samples()
+        mix = self._check(mix, "mixture", shortest_mix)
+        enroll = self._check(enroll, "enrolment", shortest_enroll)
+        if mix.shape[0] != enroll.shape[0]:
+            raise AudioError(f"{mix.shape[0]} mixtures but {enroll.shape[0]} enrolments; give one "
+                             "enrolment per mixture")
+        model = self.mods.model
+        chunk = int(getattr(self.hparams, "chunk_seconds", 10.0) * self.sample_rate)
+        overlap = int(getattr(self.hparams, "overlap_seconds", 2.0) * self.sample_rate)
+        if mix.shape[-1] <= chunk:
+            return model(mix, enroll, mix_lens, enroll_lens)
+
+        def one_chunk(part):  # the same enrolment for every chunk; [batch, time, 1]
+            return model(part, enroll, None, enroll_lens)[..., None]
+
+        est = chunked_separation(one_chunk, mix, chunk, overlap)[..., 0]
+        if mix_lens is not None:
+            real = torch.arange(mix.shape[-1], device=mix.device)[None, :]
+            est = est * (real < torch.round(torch.as_tensor(mix_lens, device=mix.device) *
+                                            mix.shape[-1])[:, None])
+        return est
+
+    def extract_file(self, mix_path, enroll_path, output_dir=None, channel=None,
+                     resample_output=False) -> torch.Tensor:
+        """Extract the enrolment's speaker from a mixture file. Returns ``[1, time]`` at
+        ``sample_rate`` (or at the mixture file's rate with ``resample_output=True``). With
+        ``output_dir``, writes ``<mixture name>_target.wav`` at the mixture's level."""
+        x, sr = load_mono(mix_path, channel)
+        e, enroll_sr = load_mono(enroll_path, channel)
+        mix = resample(x, sr, self.sample_rate)
+        enroll = resample(e, enroll_sr, self.sample_rate)
+        try:
+            est = self.extract_batch(mix[None], enroll[None])[0].cpu()
+        except AudioError as err:
+            raise AudioError(f"{mix_path} with enrolment {enroll_path}: {err}") from err
+        out_sr = self.sample_rate
+        if resample_output and sr != self.sample_rate:
+            est, mix, out_sr = resample(est, self.sample_rate, sr), x, sr
+        if output_dir is not None:
+            stem = os.path.splitext(os.path.basename(str(mix_path)))[0]
+            scaled = match_level(est[:, None], mix[: est.shape[0]])[:, 0]
+            write_audio(os.path.join(output_dir, f"{stem}_target.wav"), scaled, out_sr)
         return est.unsqueeze(0)

@@ -297,33 +297,39 @@ def evaluate_example(out: dict, targets: dict, notes, front_end: NoteFrontEnd, k
 
 
 def plot_example(path, units, rolls_true, labels, roll_est, match, instruments, front_end, title=None):
-    """Mixture log-frequency spectrogram, true per-instrument rolls, estimated per-instrument rolls."""
+    """Mixture log-frequency spectrogram, the true per-instrument rolls (``rolls_true [n, P, T]``,
+    or None to leave that panel out) and the estimated ones (``roll_est`` units labelled by
+    cluster, drawn in the colour of the instrument ``match`` gives each cluster)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    n = rolls_true.shape[0]
+    n = len(instruments)
     hop_s = front_end.hop_length / front_end.sample_rate
     extent = (0, units.shape[-1] * hop_s, front_end.min_pitch - 0.5,
               front_end.min_pitch + front_end.n_pitches - 0.5)
-    true_img = np.zeros(rolls_true.shape[1:])
-    for i in range(n):
-        true_img[rolls_true[i].numpy() > 0] = i + 1
     est_img = np.zeros(roll_est.shape)
     for inst, cl in match.items():
         est_img[(roll_est & (labels == cl)).numpy()] = inst + 1
-    fig, axes = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
+    panels = [(est_img, "estimated notes")]
+    if rolls_true is not None:
+        true_img = np.zeros(rolls_true.shape[1:])
+        for i in range(rolls_true.shape[0]):
+            true_img[rolls_true[i].numpy() > 0] = i + 1
+        panels.insert(0, (true_img, "true notes"))
+    fig, axes = plt.subplots(1 + len(panels), 1, figsize=(9, 2.4 * (1 + len(panels))), sharex=True)
     db = 20 * np.log10(units.abs().numpy() + 1e-6)
     axes[0].imshow(db, origin="lower", aspect="auto", extent=extent, vmin=db.max() - 70, cmap="magma")
     axes[0].set_title("mixture (semitone filterbank, dB)", fontsize=9, loc="left")
-    cmap = matplotlib.colors.ListedColormap(["white", "tab:blue", "tab:orange", "tab:green", "tab:red"][: n + 1])
-    for ax, img, name in ((axes[1], true_img, "true notes"), (axes[2], est_img, "estimated notes")):
+    colours = ["white", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    cmap = matplotlib.colors.ListedColormap(colours[: n + 1])
+    for ax, (img, name) in zip(axes[1:], panels):
         ax.imshow(img, origin="lower", aspect="auto", extent=extent, cmap=cmap, vmin=0, vmax=n,
                   interpolation="nearest")
-        ax.set_title(f"{name}: " + ", ".join(f"{c} = {i}" for c, i in zip(
-            ["blue", "orange", "green", "red"], instruments)), fontsize=9, loc="left")
+        ax.set_title(f"{name}: " + ", ".join(f"{c} = {i}" for c, i in zip(colours[1:], instruments)),
+                     fontsize=9, loc="left")
     for ax in axes:
         ax.set_ylabel("MIDI pitch")
     axes[-1].set_xlabel("time (s)")

@@ -127,3 +127,55 @@ def test_recipe_debug_run(tmp_path):
         assert 0 <= summary[name]["instrument_onset_f1"] <= 1
         assert (out / f"{name}_results.csv").exists()
         assert len(os.listdir(out / "examples" / name)) == 1
+
+
+@pytest.fixture(scope="module")
+def transcriber(tmp_path_factory):
+    from modules.inference import TimbreTranscriber
+
+    base = tmp_path_factory.mktemp("timbre_hub")
+    text = open(os.path.join(ROOT, "hparams", "timbre.yaml")).read()
+    text = text.replace("channels: 48", "channels: 16").replace("blocks: 6", "blocks: 2")
+    hub = base / "hub"
+    hub.mkdir()
+    (hub / "hyperparams.yaml").write_text(text)
+    torch.manual_seed(0)
+    model = TimbreNet(channels=16, blocks=2)
+    torch.save(model.state_dict(), hub / "model.ckpt")
+    return TimbreTranscriber.from_hparams(source=str(hub), savedir=str(base / "saved")), hub, model
+
+
+def test_transcriber_round_trip(transcriber, example, tmp_path):
+    import soundfile as sf
+
+    tr, _, model = transcriber
+    path = tmp_path / "chorale.wav"
+    sf.write(path, example.mix.numpy(), SR)
+    r = tr.transcribe_file(str(path), n_instruments=2, output_dir=str(tmp_path / "out"))
+    frames = model.front_end.frames(example.mix.shape[0])
+    assert r["n_instruments"] == 2 and len(r["notes"]) == 2
+    assert r["rolls"].shape == (2, 80, frames)
+    assert not (r["rolls"][0] & r["rolls"][1]).any()       # a unit goes to one instrument
+    assert r["audio"].shape == (example.mix.shape[0], 2)
+    assert torch.allclose(r["audio"].sum(1), example.mix, atol=1e-4)  # masks sum to one
+    written = sorted(os.listdir(tmp_path / "out"))
+    assert written == ["chorale_instrument1.mid", "chorale_instrument1.wav", "chorale_instrument2.mid",
+                       "chorale_instrument2.wav", "chorale_rolls.png"]
+    target = tr.transcribe_file(str(path), n_instruments=2, target=1)
+    assert torch.allclose(target["audio"][:, 0], r["audio"][:, 1], atol=1e-6)
+    assert torch.allclose(target["audio"].sum(1), example.mix, atol=1e-4)
+
+
+def test_transcribe_cli(transcriber, example, tmp_path, capsys):
+    import soundfile as sf
+
+    from modules.transcribe import main
+
+    _, hub, _ = transcriber
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sf.write(folder / "a.wav", example.mix.numpy(), SR)
+    (folder / "broken.wav").write_bytes(b"nope")
+    status = main([str(folder), "--model", str(hub), "--out", str(tmp_path / "out"), "--n_instruments=2"])
+    assert status == 1 and "FAILED" in capsys.readouterr().err
+    assert (tmp_path / "out" / "a_instrument2.mid").exists()
