@@ -29,38 +29,55 @@ def list_inputs(target: str):
     return [target]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def common_arguments(doc: str) -> argparse.ArgumentParser:
+    """The arguments every model command line shares (input, model, output, device)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("input", help="audio file, folder of audio files, or .txt list of paths")
     p.add_argument("--model", required=True, help="pretrained folder or Hugging Face repo id")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--savedir", default=None, help="where to keep the fetched model files")
-    p.add_argument("--channel", type=int, default=None, help="separate this channel only")
-    p.add_argument("--resample_output", action="store_true",
-                   help="write the sources at the input's sample rate")
     p.add_argument("--device", default="cpu")
-    a = p.parse_args(argv)
-    from .inference import Separator
+    return p
 
-    sep = Separator.from_hparams(source=a.model, savedir=a.savedir or os.path.join(a.out, ".model"),
-                                 run_opts={"device": a.device})
-    paths = list_inputs(a.input)
+
+def load_interface(cls, a):
+    return cls.from_hparams(source=a.model, savedir=a.savedir or os.path.join(a.out, ".model"),
+                            run_opts={"device": a.device})
+
+
+def process_all(target: str, work, verb: str, out: str) -> int:
+    """Run ``work(path)`` on every input of ``target`` (file, folder, .txt list) with a progress
+    bar. A file that fails is reported and the others still run; returns the exit status."""
+    paths = list_inputs(target)
     if not paths:
-        print(f"no audio files found in {a.input}", file=sys.stderr)
+        print(f"no audio files found in {target}", file=sys.stderr)
         return 1
     failed = []
-    for path in tqdm(paths, desc="separating", unit="file", disable=len(paths) < 2):
+    for path in tqdm(paths, desc=verb, unit="file", disable=len(paths) < 2):
         try:
-            sep.separate_file(path, output_dir=a.out, channel=a.channel,
-                              resample_output=a.resample_output)
+            work(path)
         except (AudioError, OSError) as err:
             failed.append((path, str(err)))
         except Exception as err:  # noqa: BLE001 - one file's failure must not stop the others
             failed.append((path, f"{type(err).__name__}: {err}"))
-    print(f"separated {len(paths) - len(failed)} of {len(paths)} files into {a.out}")
+    print(f"{verb}: {len(paths) - len(failed)} of {len(paths)} files done, outputs in {out}")
     for path, err in failed:
         print(f"FAILED {path}: {err}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def main(argv=None):
+    p = common_arguments(__doc__)
+    p.add_argument("--channel", type=int, default=None, help="separate this channel only")
+    p.add_argument("--resample_output", action="store_true",
+                   help="write the sources at the input's sample rate")
+    a = p.parse_args(argv)
+    from .inference import Separator
+
+    sep = load_interface(Separator, a)
+    return process_all(a.input, lambda path: sep.separate_file(
+        path, output_dir=a.out, channel=a.channel, resample_output=a.resample_output),
+        "separating", a.out)
 
 
 if __name__ == "__main__":
