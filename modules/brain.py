@@ -234,3 +234,32 @@ class BaseBrain(sb.Brain):
 
     def on_test_end(self, stats: dict):
         """Hook for recipes: write result files after the test stage."""
+
+
+def setup_recipe(brain_class, argv=None):
+    """What every recipe's ``run`` starts with: parse the command line, join the DDP group under
+    torchrun, load the yaml with its overrides, create the output folder, build the datasets
+    (the main process first, so corpora and caches are made once) and the Brain.
+
+    Returns ``(brain, hparams, datasets)``; the yaml must define ``data`` (with ``datasets()``),
+    ``modules``, ``optimizer`` and ``checkpointer``.
+    """
+    import sys
+
+    from hyperpyyaml import load_hyperpyyaml
+    from speechbrain.utils.distributed import ddp_init_group, run_on_main
+
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv if argv is not None else sys.argv[1:])
+    ddp_init_group(run_opts)  # under torchrun: join the process group (gloo on CPU, nccl on GPUs)
+    with open(hparams_file, encoding="utf-8") as f:
+        hparams = load_hyperpyyaml(f, overrides)
+    sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
+                                   hyperparams_to_save=hparams_file, overrides=overrides)
+    run_on_main(hparams["data"].datasets)
+    sets = hparams["data"].datasets()
+    brain = brain_class(modules=hparams["modules"], opt_class=hparams["optimizer"], hparams=hparams,
+                        run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    n_params = sum(p.numel() for p in hparams["model"].parameters())
+    logger.info("model: %s, %.3f M parameters", type(hparams["model"]).__name__, n_params / 1e6)
+    return brain, hparams, sets
+

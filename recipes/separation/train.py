@@ -26,15 +26,14 @@ import sys
 
 import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
-from speechbrain.utils.distributed import ddp_init_group, if_main_process, run_on_main
+from speechbrain.utils.distributed import if_main_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:  # `import modules` without installing the project
     sys.path.insert(0, ROOT)
 
 from modules.audio import match_level, plot_separation, write_audio  # noqa: E402
-from modules.brain import BaseBrain  # noqa: E402
+from modules.brain import BaseBrain, setup_recipe  # noqa: E402
 from modules.losses import pit_si_snr_loss  # noqa: E402
 from modules.metrics import METRIC_NAMES, separation_metrics  # noqa: E402
 
@@ -115,19 +114,8 @@ class SeparationBrain(BaseBrain):
 
 def run(argv=None):
     """Train (unless ``--test_only``) and test; returns the test summary dict."""
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv if argv is not None else sys.argv[1:])
-    ddp_init_group(run_opts)  # under torchrun: join the process group (gloo on CPU, nccl on GPUs)
-    with open(hparams_file, encoding="utf-8") as f:
-        hparams = load_hyperpyyaml(f, overrides)
-    sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
-                                   hyperparams_to_save=hparams_file, overrides=overrides)
-    data = hparams["data"]
-    run_on_main(data.datasets)  # the main process makes the corpus and manifests first
-    sets = data.datasets()
-    brain = SeparationBrain(modules=hparams["modules"], opt_class=hparams["optimizer"],
-                            hparams=hparams, run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    brain, hparams, sets = setup_recipe(SeparationBrain, argv)
     n_params = sum(p.numel() for p in hparams["model"].parameters())
-    logger.info("model: %s, %.3f M parameters", type(hparams["model"]).__name__, n_params / 1e6)
     brain.fit(hparams["epoch_counter"], sets["train"], sets["valid"],
               train_loader_kwargs=hparams["dataloader_opts"],
               valid_loader_kwargs=hparams["eval_dataloader_opts"])

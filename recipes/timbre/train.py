@@ -24,14 +24,13 @@ import sys
 
 import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
-from speechbrain.utils.distributed import ddp_init_group, if_main_process, run_on_main
+from speechbrain.utils.distributed import if_main_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from modules.brain import BaseBrain  # noqa: E402
+from modules.brain import BaseBrain, setup_recipe  # noqa: E402
 from modules.clustering import deep_clustering_loss, focal_loss  # noqa: E402
 from modules.timbre import evaluate_example, plot_example, unit_targets  # noqa: E402
 
@@ -112,19 +111,8 @@ class TimbreBrain(BaseBrain):
 
 
 def run(argv=None):
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv if argv is not None else sys.argv[1:])
-    ddp_init_group(run_opts)
-    with open(hparams_file, encoding="utf-8") as f:
-        hparams = load_hyperpyyaml(f, overrides)
-    sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
-                                   hyperparams_to_save=hparams_file, overrides=overrides)
-    data = hparams["data"]
-    run_on_main(data.datasets)  # parse (and cache) the chorales once
-    sets = data.datasets()
-    brain = TimbreBrain(modules=hparams["modules"], opt_class=hparams["optimizer"], hparams=hparams,
-                        run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    brain, hparams, sets = setup_recipe(TimbreBrain, argv)
     n_params = sum(p.numel() for p in hparams["model"].parameters())
-    logger.info("model: TimbreNet, %.3f M parameters", n_params / 1e6)
     brain.fit(hparams["epoch_counter"], sets["train"], sets["valid"],
               train_loader_kwargs=hparams["dataloader_opts"],
               valid_loader_kwargs=hparams["eval_dataloader_opts"])
