@@ -2,13 +2,17 @@
 
     python -m modules.export <training output folder> <hub folder> [--hparams <inference yaml>]
                              [--push <user/repo>]
+    python -m modules.export --from-clearvoice <ClearerVoice MossFormer2_SS checkpoint> <hub folder>
 
-The hub folder gets ``hyperparams.yaml`` (the model's top-level ``hparams/<experiment>.yaml``
-unless ``--hparams`` names another), ``model.ckpt`` (the model weights of the best checkpoint
-by validation SI-SNR, a plain state dict loadable with ``torch.load(..., weights_only=True)``)
-and a model card ``README.md`` with the test metrics of ``test_summary.json`` and a usage
-snippet. The folder is loaded back through :class:`modules.inference.Separator` before anything
-is uploaded, and the weights must fit the yaml's model exactly.
+The hub folder gets ``hyperparams.yaml`` (the model's top-level ``hparams/<experiment>.yaml``,
+or ``hparams/<task>/<experiment>.yaml`` such as ``hparams/target_speaker/``, unless ``--hparams``
+names another), ``model.ckpt`` (the model weights of the best checkpoint by the recipe's
+``valid_metric``, SI-SNR by default, a plain state dict loadable with ``torch.load(...,
+weights_only=True)``) and a model card ``README.md`` with the test metrics of
+``test_summary.json`` and a usage snippet. The folder is loaded back through the interface its
+yaml names (``interface:``; :class:`modules.inference.Separator` by default, e.g.
+``TargetSpeakerExtractor`` for target-speaker extraction) before anything is uploaded, and the
+weights must fit the yaml's model exactly.
 """
 
 from __future__ import annotations
@@ -70,6 +74,32 @@ def model_card(name, data, summary, repo_id):
     return "\n".join(lines)
 
 
+def extraction_model_card(name, data, summary, repo_id):
+    """Model card of a target-speaker extraction model (recipes/target_speaker)."""
+    source = repo_id or "<this folder>"
+    lines = [f"---\nlibrary_name: speechbrain\ntags:\n- target-speaker-extraction\n- speechbrain\n---",
+             f"# {name}", "",
+             f"Target-speaker extraction model trained with the `{name}` recipe (WavLM + TasNet mask, "
+             "SI-SDR loss against the target).", "", f"Training data: {data}.", ""]
+    if summary:
+        lines += [f"Test set: {summary.get('n_mixtures')} two-speaker mixtures, enrolment: "
+                  f"{', '.join(summary.get('enroll_modes', [])) or 'n/a'}.", "",
+                  "| SI-SDR | SI-SDRi | target confusion rate |", "|---|---|---|",
+                  f"| {summary['si-sdr']:.2f} dB | {summary['si-sdr_i']:.2f} dB | "
+                  f"{100 * summary['target_confusion_rate']:.1f} % |", "",
+                  "Target confusion: the output is closer (SI-SDR) to the interferer than to the target.", ""]
+    else:
+        lines += ["No test metrics were found (test_summary.json missing).", ""]
+    lines += ["## Usage", "", "```python",
+              "from modules.inference import TargetSpeakerExtractor",
+              f'tse = TargetSpeakerExtractor.from_hparams(source="{source}", savedir="pretrained/{name}")',
+              'est = tse.extract_file("mixture.wav", "enrollment.wav", output_dir="extracted/")  # [1, time]',
+              "```", "", "or `python -m modules.extract --mix mixture.wav --enroll enrollment.wav "
+              f"--model {source} --out extracted/`.", "",
+              "`modules` is the recipe collection this model was trained with.", ""]
+    return "\n".join(lines)
+
+
 def export(output_folder: str, hub_folder: str, hparams: str | None = None,
            repo_id: str | None = None) -> str:
     """Write the hub folder; returns its path. See the module docstring."""
@@ -81,20 +111,24 @@ def export(output_folder: str, hub_folder: str, hparams: str | None = None,
     name = _saved_value(text, "experiment_name") or "model"
     data = _saved_value(text, "data_folder")
     data = data or "synthetic speech-like corpus (not real speech)"
-    hparams = hparams or os.path.join(ROOT, "hparams", f"{name}.yaml")
+    if not hparams:  # hparams/<name>.yaml, or hparams/<task>/<name>.yaml (e.g. target_speaker)
+        hparams = os.path.join(ROOT, "hparams", f"{name}.yaml")
+        nested = sorted(glob.glob(os.path.join(ROOT, "hparams", "*", f"{name}.yaml")))
+        hparams = hparams if os.path.exists(hparams) or not nested else nested[0]
     if not os.path.exists(hparams):
         known = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "hparams", "*.yaml")))
         raise FileNotFoundError(f"no inference yaml {hparams}; pass --hparams (known: {known})")
-    ckpt = best_checkpoint(output_folder)
+    ckpt = best_checkpoint(output_folder, _saved_value(text, "valid_metric") or "si-snr")
     os.makedirs(hub_folder, exist_ok=True)
     shutil.copy(hparams, os.path.join(hub_folder, "hyperparams.yaml"))
     state = torch.load(os.path.join(ckpt, "model.ckpt"), map_location="cpu", weights_only=True)
     torch.save(state, os.path.join(hub_folder, "model.ckpt"))
 
-    from .inference import Separator
+    from .inference import interface_class
 
+    interface = interface_class(hparams)  # Separator unless the yaml names another
     try:  # load the folder back as a user will, and insist on an exact fit of every weight
-        sep = Separator.from_hparams(source=os.path.abspath(hub_folder),
+        sep = interface.from_hparams(source=os.path.abspath(hub_folder),
                                      savedir=os.path.join(hub_folder, ".check"))
         sep.mods.model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -112,8 +146,9 @@ def export(output_folder: str, hub_folder: str, hparams: str | None = None,
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
+    card = extraction_model_card if interface.__name__ == "TargetSpeakerExtractor" else model_card
     with open(os.path.join(hub_folder, "README.md"), "w") as f:
-        f.write(model_card(name, data, summary, repo_id))
+        f.write(card(name, data, summary, repo_id))
     return hub_folder
 
 
@@ -178,6 +213,74 @@ def deploy(model: torch.nn.Module, folder: str, sample_rate: int, tol: float = 1
     return report
 
 
+def set_yaml_values(text: str, values: dict) -> str:
+    """``text`` with the plain top-level ``key: value`` lines of ``values`` replaced (comments
+    kept); a key that the yaml does not have is an error."""
+    for key, value in values.items():
+        text, n = re.subn(rf"^({re.escape(key)}:[ \t]*)[^#\n]*?([ \t]*(#.*)?)$",
+                          lambda m: f"{m.group(1)}{value}{m.group(2)}", text, count=1, flags=re.M)
+        if not n:
+            raise KeyError(f"the inference yaml has no top-level '{key}:' line to set")
+    return text
+
+
+def export_clearvoice(checkpoint: str, hub_folder: str, hparams: str | None = None,
+                      repo_id: str | None = None) -> str:
+    """Convert a ClearerVoice ``MossFormer2_SS_16K`` checkpoint into a hub folder; returns it.
+
+    The sizes are read off the checkpoint and written into ``hparams/mossformer2.yaml`` (or
+    ``hparams``), the weights are renamed to ours (:mod:`modules.mossformer2`; every key must
+    fit), and the folder is loaded back through :class:`modules.inference.Separator`, which
+    must give exactly the output of the converted model.
+    """
+    from .inference import Separator
+    from .mossformer2 import clearvoice_config, load_clearvoice_checkpoint, read_clearvoice_state_dict
+
+    state = read_clearvoice_state_dict(checkpoint)
+    cfg = clearvoice_config(state)
+    model = load_clearvoice_checkpoint(state).eval()
+    hparams = hparams or os.path.join(ROOT, "hparams", "mossformer2.yaml")
+    with open(hparams) as f:
+        text = f.read()
+    sizes = {"num_spks": cfg.pop("n_src"), **cfg}
+    text = set_yaml_values(text, {k: v for k, v in sizes.items() if k != "dropout"})
+    os.makedirs(hub_folder, exist_ok=True)
+    with open(os.path.join(hub_folder, "hyperparams.yaml"), "w") as f:
+        f.write(text)
+    torch.save(model.state_dict(), os.path.join(hub_folder, "model.ckpt"))
+    check = os.path.join(hub_folder, ".check")
+    try:
+        sep = Separator.from_hparams(source=os.path.abspath(hub_folder), savedir=check)
+        sep.mods.model.load_state_dict(model.state_dict(), strict=True)
+        x = torch.randn(1, int(sep.hparams.sample_rate), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            if not torch.equal(sep.separate_batch(x), model(x)):
+                raise RuntimeError("the folder's model does not reproduce the converted weights")
+    except RuntimeError as err:
+        for written in ("hyperparams.yaml", "model.ckpt", ".check"):  # leave nothing half-made
+            path = os.path.join(hub_folder, written)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        raise RuntimeError(f"converting {checkpoint} with {hparams} failed: {err}") from err
+    shutil.rmtree(check, ignore_errors=True)
+    source = repo_id or "<this folder>"
+    card = [f"---\nlibrary_name: speechbrain\ntags:\n- audio-source-separation\n- speechbrain\n---",
+            "# MossFormer2", "",
+            f"MossFormer2 speech separation (Zhao et al., ICASSP 2024), {sizes['num_spks']} speakers, "
+            f"{sep.hparams.sample_rate} Hz, N={sizes['N']}, {sizes['num_layers']} layers. Weights "
+            f"converted from the ClearerVoice checkpoint `{os.path.basename(checkpoint)}` "
+            "(MossFormer2_SS_16K); check the licence of the original weights before sharing.", "",
+            "## Usage", "", "```python", "from modules.inference import Separator",
+            f'sep = Separator.from_hparams(source="{source}", savedir="pretrained/mossformer2")',
+            'est = sep.separate_file("mixture.wav", output_dir="separated/")  # [1, time, n_src]',
+            "```", "", "`modules` is the recipe collection that converted this model.", ""]
+    with open(os.path.join(hub_folder, "README.md"), "w") as f:
+        f.write("\n".join(card))
+    return hub_folder
+
+
 def push(hub_folder: str, repo_id: str):
     """Upload the folder to the Hugging Face Hub (needs a token: ``huggingface-cli login``)."""
     from huggingface_hub import HfApi
@@ -189,14 +292,20 @@ def push(hub_folder: str, repo_id: str):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("output_folder", help="training output folder (holds hyperparams.yaml, save/)")
+    p.add_argument("output_folder", help="training output folder (holds hyperparams.yaml, save/); "
+                   "with --from-clearvoice, the ClearerVoice checkpoint file")
     p.add_argument("hub_folder", help="folder to write")
     p.add_argument("--hparams", default=None, help="inference yaml (default: hparams/<experiment>.yaml)")
     p.add_argument("--push", default=None, metavar="REPO_ID", help="upload to this Hub repository")
     p.add_argument("--deploy", action="store_true",
                    help="also write model.torchscript.pt and model.onnx, checked against PyTorch")
+    p.add_argument("--from-clearvoice", action="store_true",
+                   help="convert a ClearerVoice MossFormer2_SS_16K checkpoint (first argument)")
     a = p.parse_args(argv)
-    folder = export(a.output_folder, a.hub_folder, a.hparams, a.push)
+    if a.from_clearvoice:
+        folder = export_clearvoice(a.output_folder, a.hub_folder, a.hparams, a.push)
+    else:
+        folder = export(a.output_folder, a.hub_folder, a.hparams, a.push)
     print(f"wrote {os.path.abspath(folder)} (hyperparams.yaml, model.ckpt, README.md)")
     if a.deploy:
         from .inference import Separator

@@ -1,0 +1,285 @@
+"""Target-speaker extraction end to end: data (enrolments, lists), a --debug run of every
+recipes/target_speaker yaml, export -> TargetSpeakerExtractor round trip, and the CLI."""
+
+import csv
+import glob
+import importlib.util
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml as pyyaml
+
+from conftest import ROOT, write_tone_corpus
+from modules.data import TSEData, Utterance, draw_extraction_spec, _ENROLL_GAP
+from modules.wavlm import WavLM, tiny_wavlm_config
+
+RECIPE = os.path.join(ROOT, "recipes", "target_speaker")
+YAMLS = sorted(glob.glob(os.path.join(RECIPE, "hparams", "*.yaml")))
+SMALL_DATA = ["--train_mixtures_per_epoch=4", "--n_valid=2", "--n_test=2", "--segment_seconds=0.6",
+              "--enroll_seconds=0.8", "--min_enroll_seconds=0.3", "--eval_max_seconds=1",
+              "--batch_size=2", "--n_audio_examples=1", "--noprogressbar"]
+SMALL_MODEL = ["--encoder_dim=16", "--tcn_bottleneck=16", "--tcn_hidden=16", "--tcn_skip=16"]
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("tse_train", os.path.join(RECIPE, "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """6 speakers x 2 utterances of tones (another utterance exists for every enrolment)."""
+    return write_tone_corpus(str(tmp_path_factory.mktemp("tse") / "corpus"), n_speakers=6, utts=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_wavlm_folder(tmp_path_factory):
+    """A local HF-format WavLM folder (tiny, random weights) standing in for wavlm-base-plus."""
+    folder = tmp_path_factory.mktemp("wavlm")
+    WavLM(config=tiny_wavlm_config()).model.save_pretrained(folder)
+    return str(folder)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def fake_speakers(frames_per_utt, sample_rate=16000):
+    """{speaker: [Utterance]} without audio (spec drawing needs only the lengths)."""
+    by_speaker = {}
+    for s, lengths in enumerate(frames_per_utt):
+        by_speaker[f"s{s}"] = [Utterance(f"s{s}_u{k}", "", f"s{s}", n, sample_rate)
+                               for k, n in enumerate(lengths)]
+    return by_speaker
+
+
+@pytest.mark.parametrize("segment_seconds", [3.0, None])
+def test_enrolment_from_the_same_utterance_never_overlaps_the_target(segment_seconds):
+    by_speaker = fake_speakers([[26000], [200000], [60000], [41000]])  # 1.6 s .. 12.5 s, one each
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        spec = draw_extraction_spec(rng, f"m{i}", sorted(by_speaker), by_speaker, 2, 8000, (-5, 5),
+                                    segment_seconds=segment_seconds, max_seconds=6.0,
+                                    speed_range=(0.9, 1.1), enroll_seconds=3.0, min_enroll_seconds=1.0)
+        assert spec.enroll_mode == "same-utterance" and spec.enroll_utt == spec.utts[0]
+        frames = next(u.frames for us in by_speaker.values() for u in us if u.id == spec.utts[0])
+        used = int(np.ceil(spec.length * 16000 * spec.speeds[0] / (100 * 8000)))
+        target = (spec.starts[0], spec.starts[0] + used)
+        enroll = (spec.enroll_start, spec.enroll_start + spec.enroll_length)
+        assert 0 <= target[0] and target[1] <= frames and 0 <= enroll[0] and enroll[1] <= frames
+        gap = max(enroll[0] - target[1], target[0] - enroll[1])
+        assert gap >= _ENROLL_GAP, (spec, frames)
+        assert spec.enroll_length >= min(16000, frames // 2)
+
+
+def test_enrolment_from_another_utterance_when_there_is_one():
+    by_speaker = fake_speakers([[20000, 30000, 5000], [40000, 9000]])
+    rng = np.random.default_rng(1)
+    for i in range(50):
+        spec = draw_extraction_spec(rng, f"m{i}", sorted(by_speaker), by_speaker, 2, 16000, (-5, 5),
+                                    segment_seconds=1.0, enroll_seconds=1.5)
+        target_speaker = spec.utts[0].split("_")[0]
+        assert spec.enroll_mode == "other-utterance" and spec.enroll_utt != spec.utts[0]
+        assert spec.enroll_utt.startswith(target_speaker + "_")
+        assert spec.enroll_length <= 24000
+
+
+def test_tse_data_items_splits_and_fixed_sets(corpus, tmp_path, caplog):
+    kw = dict(save_folder=str(tmp_path / "a"), sample_rate=8000, segment_seconds=1.0, n_valid=3,
+              n_test=3, train_mixtures_per_epoch=4, enroll_seconds=0.8)
+    with caplog.at_level("INFO"):
+        sets = TSEData(corpus, **kw).datasets()
+    assert "a different utterance of the target speaker" in caplog.text
+    speakers = {s: {u.speaker for u in sets[s].utts.values()} for s in sets}
+    assert [len(speakers[s]) for s in ("train", "valid", "test")] == [2, 2, 2]  # 6 speakers
+    item = sets["train"][0]
+    assert set(item) == {"id", "mix", "target", "interferer", "enroll", "enroll_mode"}
+    assert item["mix"].shape == item["target"].shape == item["interferer"].shape == (8000,)
+    assert torch.allclose(item["mix"], item["target"] + item["interferer"], atol=1e-6)
+    assert 0 < item["enroll"].shape[0] <= 6400
+    again = TSEData(corpus, **{**kw, "save_folder": str(tmp_path / "b")}).datasets()
+    for s in ("valid", "test"):
+        assert [sets[s].spec(i) for i in range(3)] == [again[s].spec(i) for i in range(3)]
+        assert torch.equal(sets[s][1]["enroll"], again[s][1]["enroll"])
+
+
+def test_tse_lists_are_read(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(2):
+        sigs = {n: (0.1 * rng.standard_normal(4000 + 800 * k)).astype(np.float32)
+                for n in ("mix", "s1", "enroll")}
+        for n, x in sigs.items():
+            sf.write(tmp_path / f"{n}{k}.wav", x, 8000)
+        rows.append({"mixture_ID": f"ex{k}", "mixture_path": f"mix{k}.wav", "target_path": f"s1{k}.wav",
+                     "enrollment_path": f"enroll{k}.wav"})
+    for split in ("train", "valid", "test"):
+        with open(tmp_path / f"{split}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    sets = TSEData(tse_lists=str(tmp_path), save_folder=str(tmp_path / "save"), sample_rate=8000,
+                   segment_seconds=0.25, enroll_seconds=0.3).datasets()
+    item = sets["test"][1]
+    assert item["id"] == "ex1" and item["mix"].shape == (4800,) and item["enroll"].shape == (2400,)
+    assert torch.allclose(item["interferer"], item["mix"] - item["target"])
+    assert sets["train"][0]["mix"].shape == (2000,)
+
+
+# ----------------------------------------------------------------------------- recipe
+
+
+def run_recipe(yaml, out, *args):
+    return load_recipe().run([yaml, f"--output_folder={out}", *args])
+
+
+@pytest.mark.parametrize("yaml", YAMLS, ids=[os.path.basename(y) for y in YAMLS])
+def test_debug_run_of_every_yaml(yaml, tmp_path, corpus, tiny_wavlm_folder):
+    args = ["--debug", "--debug_batches=1", "--debug_epochs=1", f"--data_folder={corpus}", *SMALL_DATA]
+    if "tiny" not in yaml:
+        # the WavLM-base yamls on a tiny local HF folder (a random base-size WavLM would make
+        # this test take minutes on a CPU): same code path, `wavlm_source: <folder>`
+        args += [f"--wavlm_source={tiny_wavlm_folder}", *SMALL_MODEL]
+        if "dynamic" in yaml:
+            args += ["--num_hybrid_layers=1"]
+    summary = run_recipe(yaml, tmp_path / "out", *args)
+    with open(tmp_path / "out" / "test_results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and list(rows[0]) == ["snt_id", "enroll_mode", "si-sdr", "si-sdr_i",
+                                      "si-sdr_interferer", "confused"]
+    assert all(np.isfinite(float(r["si-sdr_i"])) and r["confused"] in ("0.0", "1.0") for r in rows)
+    saved = json.loads((tmp_path / "out" / "test_summary.json").read_text())
+    assert saved["n_mixtures"] == len(rows) == summary["n_mixtures"]
+    assert 0.0 <= saved["target_confusion_rate"] <= 1.0 and "si-sdr_i" in saved
+    assert saved["enroll_modes"] == ["other-utterance"]
+    example = tmp_path / "out" / "examples" / rows[0]["snt_id"]
+    for name in ("mixture", "enrollment", "estimate", "target"):
+        assert (example / f"{name}.wav").exists()
+
+
+def test_every_switch_is_a_yaml_key():
+    for name, keys in (("wavlm_dynamic_tasnet", ["num_hybrid_layers", "tau", "qkb", "hybrid_mask",
+                                                 "freeze_wavlm", "qkb_fallback_fraction", "soft_scale"]),
+                       ("wavlm_tasnet", ["fusion", "freeze_wavlm"])):
+        for suffix in ("", "-tiny"):
+            text = open(os.path.join(RECIPE, "hparams", f"{name}{suffix}.yaml")).read()
+            for key in keys:
+                assert re.search(rf"^{key}:", text, re.M), (name + suffix, key)
+                assert f"!ref <{key}>" in text, (name + suffix, key)
+
+
+def test_inference_yamls_match_their_recipes():
+    """hparams/target_speaker/<name>.yaml builds the model of the recipe yaml of that name (same
+    class, same argument values; the cheap check for the WavLM-base yamls, whose models are big)."""
+
+    def model_block(text):
+        block = text.split("\nmodel: !new:")[1].split("\n\n")[0]
+        return block.split("\n")[0], dict(re.findall(r"^    (\w+): (.+?)\s*$", block, re.M))
+
+    for path in sorted(glob.glob(os.path.join(ROOT, "hparams", "target_speaker", "*.yaml"))):
+        recipe = os.path.join(RECIPE, "hparams", os.path.basename(path))
+        assert os.path.exists(recipe), path
+        recipe_text, text = open(recipe).read(), open(path).read()
+        top = dict(re.findall(r"^(\w+):[ \t]*([^#\n]*?)[ \t]*(?:#.*)?$", recipe_text, re.M))
+        cls, trained = model_block(recipe_text)
+        inference_cls, served = model_block(text)
+        assert cls == inference_cls, path
+        assert set(trained) == set(served), path
+        for key, ref in trained.items():
+            if key in ("wavlm", "sample_rate"):
+                continue
+            value = top[re.fullmatch(r"!ref <(\w+)>", ref).group(1)]
+            assert pyyaml.safe_load(value) == pyyaml.safe_load(served[key]), (path, key)
+        assert top["sample_rate"] == re.search(r"^sample_rate: (\d+)", text, re.M).group(1)
+
+
+# ----------------------------------------------------------------------------- interface
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, corpus):
+    from modules.export import export
+
+    base = tmp_path_factory.mktemp("tse_export")
+    yaml = os.path.join(RECIPE, "hparams", "wavlm_dynamic_tasnet-tiny.yaml")
+    data = [a for a in SMALL_DATA if not a.startswith(("--train_mixtures", "--n_valid", "--n_test"))]
+    run_recipe(yaml, base / "train", "--number_of_epochs=1", f"--data_folder={corpus}", *data,
+               "--train_mixtures_per_epoch=2", "--n_valid=1", "--n_test=1")
+    hub = base / "hub"
+    export(str(base / "train"), str(hub))  # finds hparams/target_speaker/<experiment>.yaml
+    ckpt = glob.glob(str(base / "train" / "save" / "CKPT+*" / "model.ckpt"))[0]
+    return hub, ckpt, base
+
+
+def test_export_round_trip(exported, tmp_path):
+    from hyperpyyaml import load_hyperpyyaml
+
+    from modules.inference import TargetSpeakerExtractor
+
+    hub, ckpt, _ = exported
+    assert sorted(os.listdir(hub)) == ["README.md", "hyperparams.yaml", "model.ckpt"]
+    card = (hub / "README.md").read_text()
+    assert "SI-SDRi" in card and "target confusion rate" in card and "TargetSpeakerExtractor" in card
+    with open(os.path.join(RECIPE, "hparams", "wavlm_dynamic_tasnet-tiny.yaml")) as f:
+        model = load_hyperpyyaml(f, {"output_folder": str(tmp_path / "x")})["model"].eval()
+    model.load_state_dict(torch.load(ckpt, weights_only=True))
+    tse = TargetSpeakerExtractor.from_hparams(source=str(hub), savedir=str(tmp_path / "loaded"))
+    torch.manual_seed(0)
+    mix, enroll = torch.randn(2, 6000), torch.randn(2, 5000)
+    lens = torch.tensor([1.0, 0.7])
+    with torch.no_grad():
+        assert torch.equal(tse.extract_batch(mix, enroll, lens, lens.flip(0)),
+                           model(mix, enroll, lens, lens.flip(0)))
+    # a long mixture: chunks of 1 s overlapping by 0.25 s, each with the same enrolment
+    tse.hparams.chunk_seconds, tse.hparams.overlap_seconds = 1.0, 0.25
+    long = torch.randn(1, 20000)
+    out = tse.extract_batch(long, enroll[:1])
+    assert out.shape == (1, 20000) and torch.isfinite(out).all()
+    with torch.no_grad():
+        assert torch.allclose(out[:, :6000], model(long[:, :8000], enroll[:1])[:, :6000], atol=1e-6)
+
+
+def test_extract_file_resamples_and_downmixes(exported, tmp_path, caplog):
+    from modules.audio import AudioError
+    from modules.inference import TargetSpeakerExtractor
+
+    hub, _, _ = exported
+    tse = TargetSpeakerExtractor.from_hparams(source=str(hub), savedir=str(tmp_path / "loaded"))
+    rng = np.random.default_rng(0)
+    sf.write(tmp_path / "mix.wav", 0.1 * rng.standard_normal((16000, 2)), 16000)  # stereo, 16 kHz
+    sf.write(tmp_path / "enroll.wav", 0.1 * rng.standard_normal(6000), 8000)
+    with caplog.at_level("WARNING"):
+        est = tse.extract_file(tmp_path / "mix.wav", tmp_path / "enroll.wav", output_dir=tmp_path / "o")
+    assert "2 channels" in caplog.text
+    assert est.shape == (1, 8000)
+    assert (tmp_path / "o" / "mix_target.wav").exists()
+    est16 = tse.extract_file(tmp_path / "mix.wav", tmp_path / "enroll.wav", channel=0,
+                             resample_output=True)
+    assert est16.shape == (1, 16000)
+    sf.write(tmp_path / "short.wav", np.zeros(50), 8000)
+    with pytest.raises(AudioError, match="enrolment has 50 samples"):
+        tse.extract_file(tmp_path / "mix.wav", tmp_path / "short.wav")
+
+
+def test_cli(exported, tmp_path):
+    from modules.extract import main
+
+    hub, _, _ = exported
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "mixes"
+    folder.mkdir()
+    for k in range(2):
+        sf.write(folder / f"m{k}.wav", 0.1 * rng.standard_normal(7000), 8000)
+    (folder / "broken.wav").write_bytes(b"not audio")
+    sf.write(tmp_path / "enroll.wav", 0.1 * rng.standard_normal(6000), 8000)
+    args = ["--enroll", str(tmp_path / "enroll.wav"), "--model", str(hub), "--out", str(tmp_path / "out")]
+    assert main(["--mix", str(folder / "m0.wav"), *args]) == 0
+    assert (tmp_path / "out" / "m0_target.wav").exists()
+    assert main(["--mix", str(folder), *args]) == 1  # the broken file is reported, the others done
+    assert (tmp_path / "out" / "m1_target.wav").exists()
