@@ -29,10 +29,15 @@ def list_inputs(target: str):
     return [target]
 
 
-def common_arguments(doc: str) -> argparse.ArgumentParser:
-    """The arguments every model command line shares (input, model, output, device)."""
+def common_arguments(doc: str, input_option: str | None = None) -> argparse.ArgumentParser:
+    """The arguments every model command line shares (input, model, output, device); the input
+    is positional unless ``input_option`` (e.g. ``"--mix"``) names it."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    p.add_argument("input", help="audio file, folder of audio files, or .txt list of paths")
+    what = "audio file, folder of audio files, or .txt list of paths"
+    if input_option:
+        p.add_argument(input_option, dest="input", required=True, help=what)
+    else:
+        p.add_argument("input", help=what)
     p.add_argument("--model", required=True, help="pretrained folder or Hugging Face repo id")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--savedir", default=None, help="where to keep the fetched model files")
