@@ -38,6 +38,17 @@ def _saved_value(text: str, key: str):
     return None if value in (None, "", "null", "~") else value
 
 
+def remove_written(hub_folder: str):
+    """Delete what an export wrote into ``hub_folder`` (and only that): nothing half-made is left,
+    and none of the user's own files are touched."""
+    for written in ("hyperparams.yaml", "model.ckpt", ".check"):
+        path = os.path.join(hub_folder, written)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
 def best_checkpoint(output_folder: str, metric: str = "si-snr") -> str:
     """Folder of the checkpoint with the highest ``metric`` in ``<output_folder>/save``."""
     best, best_value = None, -float("inf")
@@ -132,12 +143,7 @@ def export(output_folder: str, hub_folder: str, hparams: str | None = None,
                                      savedir=os.path.join(hub_folder, ".check"))
         sep.mods.model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        for written in ("hyperparams.yaml", "model.ckpt", ".check"):  # leave nothing half-made
-            path = os.path.join(hub_folder, written)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+        remove_written(hub_folder)
         raise RuntimeError(f"the weights of {ckpt} do not fit the model of {hparams}; was the "
                            f"model trained with architecture overrides? ({err})") from err
     shutil.rmtree(os.path.join(hub_folder, ".check"), ignore_errors=True)
@@ -257,12 +263,7 @@ def export_clearvoice(checkpoint: str, hub_folder: str, hparams: str | None = No
             if not torch.equal(sep.separate_batch(x), model(x)):
                 raise RuntimeError("the folder's model does not reproduce the converted weights")
     except RuntimeError as err:
-        for written in ("hyperparams.yaml", "model.ckpt", ".check"):  # leave nothing half-made
-            path = os.path.join(hub_folder, written)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+        remove_written(hub_folder)
         raise RuntimeError(f"converting {checkpoint} with {hparams} failed: {err}") from err
     shutil.rmtree(check, ignore_errors=True)
     source = repo_id or "<this folder>"
