@@ -1,0 +1,695 @@
+"""MossFormer2: time-domain speech separation with gated attention and an FSMN memory.
+
+Reference: S. Zhao, Y. Ma, C. Ni, C. Zhang, H. Wang, T. H. Nguyen, K. Zhou, J. Yip, D. Ng and
+B. Ma, "MossFormer2: Combining Transformer and RNN-Free Recurrent Network for Enhanced
+Time-Domain Monaural Speech Separation", ICASSP 2024 (arXiv:2312.11825).
+
+Structure (paper Fig. 1; every tensor inside the mask net is ``[batch, frames, channels]``):
+
+* encoder: 1-D conv, N filters of L=16 samples, stride 8, ReLU -> ``[batch, N, frames]``;
+* mask net: global layer norm, linear N->N, scaled sinusoidal position embedding, R MossFormer2
+  layers, layer norm, global layer norm, residual from before the layers, PReLU, linear to
+  ``n_src * N``, then per source ``tanh(linear) * sigmoid(linear)``, linear, ReLU
+  -> masks ``[batch, n_src, N, frames]``;
+* one MossFormer2 layer = :class:`FLASH_ShareA_FFConvM` (single-head gated attention with a
+  shared query/key projection: quadratic attention inside groups of 256 frames plus linear
+  attention over the whole sequence, rotary position embedding, convolution-augmented
+  feed-forward projections) followed by :class:`GatedFSMNBlock` (gated, dilated FSMN memory);
+* decoder: transposed 1-D conv (kernel 16, stride 8).
+
+The model is an :class:`~modules.tasnet.EncoderMaskerDecoder`: ``[batch, time]`` in,
+``[batch, time, n_src]`` out. Configurations of the paper: MossFormer2 (N=512, 24 layers,
+55.7 M parameters) and MossFormer2-S (N=384, 25 layers, 37.8 M).
+
+Weights of the released ClearerVoice model ``MossFormer2_SS_16K`` (PyPI package ``clearvoice``,
+``clearvoice/models/mossformer2_ss/``) load with :func:`load_clearvoice_checkpoint`, and the model
+then gives the same output as that code (tests/test_mossformer2.py checks it). Facts taken from
+that package are cited below by file name. Two of its habits are kept on purpose, for equality:
+the input is not padded to whole frames (the last ``(time - 16) % 8`` samples are not encoded and
+come out as zeros), and the attention logits are divided by the group size, not ``sqrt(d)``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .tasnet import Decoder, Encoder, EncoderMaskerDecoder
+
+__all__ = [
+    "MossFormer2",
+    "MossFormer2MaskNet",
+    "MossFormer2Layer",
+    "FLASH_ShareA_FFConvM",
+    "GatedFSMNBlock",
+    "GatedFSMN",
+    "DilatedFSMN",
+    "FFConvM",
+    "ScaleNorm",
+    "GlobalNorm",
+    "ScaledSinuEmbedding",
+    "RotaryEmbedding",
+    "CONFIGS",
+    "CheckpointMismatchError",
+    "clearvoice_config",
+    "clearvoice_to_ours",
+    "ours_to_clearvoice",
+    "read_clearvoice_state_dict",
+    "convert_clearvoice_state_dict",
+    "load_clearvoice_checkpoint",
+]
+
+# Named configurations. "tiny" keeps the attention/FSMN widths that the ClearerVoice code fixes
+# (query/key 128, FSMN 256, groups of 256 frames) so that its outputs can be compared with it.
+CONFIGS = {
+    "mossformer2": dict(N=512, num_layers=24),
+    "mossformer2-s": dict(N=384, num_layers=25),
+    "tiny": dict(N=64, num_layers=2),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisations and position embeddings
+# --------------------------------------------------------------------------------------------
+
+
+class ScaleNorm(nn.Module):
+    """``g * x / max(||x||_2 / sqrt(dim), eps)`` over the last dimension, one learned gain ``g``
+    (Nguyen & Salazar 2019; eps 1e-5 as in clearvoice ``mossformer2_block.py``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.scale = dim**-0.5
+        self.eps = eps
+        self.g = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True) * self.scale
+        return x / rms.clamp(min=self.eps) * self.g
+
+
+class GlobalNorm(nn.Module):
+    """Normalise each example over *all* its frames and channels, then a per-channel gain and
+    bias. Input ``[batch, frames, channels]``. The same statistics as ``nn.GroupNorm(1, C)``
+    (which the ClearerVoice code uses on ``[batch, C, frames]``), for channel-last tensors."""
+
+    def __init__(self, channels: int, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # group_norm with one group and no affine normalises over every non-batch element
+        return torch.addcmul(self.bias, F.group_norm(x, 1, eps=self.eps), self.weight)
+
+
+class ScaledSinuEmbedding(nn.Module):
+    """Absolute sinusoidal position embedding ``scale * [sin(t w_i), cos(t w_i)]`` with
+    ``w_i = 10000^(-2i/dim)`` and one learned ``scale``; returns ``[frames, dim]``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, frames: int) -> torch.Tensor:
+        t = torch.arange(frames, device=self.inv_freq.device, dtype=self.inv_freq.dtype)
+        angles = torch.outer(t, self.inv_freq)
+        return torch.cat((angles.sin(), angles.cos()), dim=-1) * self.scale
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al. 2021) of the first ``dim`` features.
+
+    Feature pairs ``(2i, 2i+1)`` of frame ``t`` are rotated by the angle ``t * theta^(-2i/dim)``.
+    The ClearerVoice model uses ``rotary_embedding_torch.RotaryEmbedding(dim=32)`` (theta 10000,
+    interleaved pairs, features beyond 32 left as they are), shared by all layers; here the
+    cosines and sines are computed once per forward pass and handed to every layer.
+    """
+
+    def __init__(self, dim: int = 32, theta: float = 10000.0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"rotary dimension must be even, got {dim}")
+        self.dim = dim
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2).float() / dim))
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosines and sines ``[frames, 1, dim/2]`` (float32)."""
+        t = torch.arange(frames, device=self.freqs.device, dtype=torch.float32)
+        angles = torch.outer(t, self.freqs).unsqueeze(1)
+        return angles.cos(), angles.sin()
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate the first ``2 * cos.shape[-1]`` features of ``x [batch, frames, heads, d]``."""
+        d = 2 * cos.shape[-1]
+        pairs = x[..., :d].unflatten(-1, (-1, 2))
+        even, odd = pairs[..., 0], pairs[..., 1]
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+        return torch.cat((rotated.flatten(-2), x[..., d:]), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention: FLASH_ShareA_FFConvM
+# --------------------------------------------------------------------------------------------
+
+
+class FFConvM(nn.Module):
+    """Convolution-augmented feed-forward projection ``[batch, frames, dim_in] -> [..., dim_out]``:
+    norm, linear, SiLU, then ``h + depthwise_conv(h)`` along frames (kernel 17, same padding,
+    no bias), dropout (clearvoice ``mossformer2_block.py`` FFConvM and ``conv_module.py``
+    ConvModule)."""
+
+    def __init__(self, dim_in: int, dim_out: int, norm: str = "scale", kernel_size: int = 17,
+                 dropout: float = 0.1):
+        super().__init__()
+        if norm not in ("scale", "layer"):
+            raise ValueError(f"norm must be 'scale' or 'layer', got {norm!r}")
+        self.norm = ScaleNorm(dim_in) if norm == "scale" else nn.LayerNorm(dim_in)
+        self.linear = nn.Linear(dim_in, dim_out)
+        self.dwconv = nn.Conv1d(dim_out, dim_out, kernel_size, padding=kernel_size // 2,
+                                groups=dim_out, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.linear(self.norm(x)))
+        h = h + self.dwconv(h.transpose(1, 2)).transpose(1, 2)
+        return self.dropout(h)
+
+
+class OffsetScale(nn.Module):
+    """Per-head affine map ``x * gamma[h] + beta[h]``: ``[..., d] -> [..., heads, d]``."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.empty(heads, dim))
+        self.beta = nn.Parameter(torch.zeros(heads, dim))
+        nn.init.normal_(self.gamma, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.beta, x.unsqueeze(-2), self.gamma)
+
+
+class FLASH_ShareA_FFConvM(nn.Module):  # noqa: N801 - the name of the paper's code and checkpoints
+    """Gated single-head attention with a shared query/key projection (FLASH, Hua et al. 2022,
+    as modified by MossFormer2). ``[batch, frames, dim] -> [batch, frames, dim]``.
+
+    * token shift: the first half of the channels is delayed by one frame;
+    * ``to_hidden`` gives the value ``v`` and gate ``u`` (each ``expansion_factor * dim / 2``
+      wide), ``to_qk`` one ``qk_dim`` projection from which four per-head affine maps make the
+      quadratic and linear queries and keys, all four rotated by the rotary embedding;
+    * attention ``A = relu(q k^T / group_size)^2`` inside non-overlapping groups of
+      ``group_size`` frames (the last group zero-padded) plus linear attention
+      ``q_lin (k_lin^T x) / frames`` over the whole sequence, applied to both ``v`` and ``u``;
+    * ``out = (A u) * v * sigmoid((A v) * u)``, projected back by ``to_out``, plus the input.
+    """
+
+    def __init__(self, dim: int, group_size: int = 256, qk_dim: int = 128,
+                 expansion_factor: float = 4.0, kernel_size: int = 17, dropout: float = 0.1,
+                 shift_tokens: bool = True):
+        super().__init__()
+        hidden = int(dim * expansion_factor)
+        if hidden % 2:
+            raise ValueError(f"dim * expansion_factor must be even, got {hidden}")
+        self.group_size = group_size
+        self.shift_tokens = shift_tokens
+        self.to_hidden = FFConvM(dim, hidden, "scale", kernel_size, dropout)
+        self.to_qk = FFConvM(dim, qk_dim, "scale", kernel_size, dropout)
+        self.qk_offset_scale = OffsetScale(qk_dim, heads=4)
+        self.to_out = FFConvM(hidden // 2, dim, "scale", kernel_size, dropout)
+        self.attn_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        residual = x
+        if self.shift_tokens:
+            half = (x.shape[-1] + 1) // 2  # torch.chunk's split: the first part is the larger
+            x = torch.cat((F.pad(x[..., :half], (0, 0, 1, -1)), x[..., half:]), dim=-1)
+        hidden = self.to_hidden(x)  # [v | u]
+        qk = RotaryEmbedding.rotate(self.qk_offset_scale(self.to_qk(x)), *rope)
+        quad_q, lin_q, quad_k, lin_k = qk.unbind(dim=-2)
+        att_v, att_u = self.attend(quad_q, quad_k, lin_q, lin_k, hidden).chunk(2, dim=-1)
+        v, u = hidden.chunk(2, dim=-1)
+        out = (att_u * v) * torch.sigmoid(att_v * u)
+        return residual + self.to_out(out)
+
+    def attend(self, quad_q, quad_k, lin_q, lin_k, values):
+        """Grouped quadratic plus global linear attention of ``values [batch, frames, e]``."""
+        b, n, _ = quad_q.shape
+        g = self.group_size
+        pad = -n % g
+        # zero-padded frames have zero keys, so they receive no attention weight
+        q, k, val = (F.pad(t, (0, 0, 0, pad)).unflatten(1, (-1, g)) for t in (quad_q, quad_k, values))
+        attn = self.attn_dropout(F.relu(q @ k.transpose(-1, -2) / g).square())
+        quad = (attn @ val).flatten(1, 2)[:, :n]
+        lin = lin_q @ (lin_k.transpose(1, 2) @ values / n)
+        return quad + lin
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: gated, dilated FSMN
+# --------------------------------------------------------------------------------------------
+
+
+class DilatedFSMN(nn.Module):
+    """FSMN memory with a dense, dilated convolution stack (clearvoice ``fsmn.py``,
+    UniDeepFsmn_dilated + DilatedDenseNet). ``[batch, frames, dim] -> [batch, frames, dim]``.
+
+    ``p = project(relu(linear(x)))``; then ``depth`` layers (dilation 1, 2, ...), each a
+    grouped conv (kernel ``2*order - 1``, same padding, ``dim`` groups) over the concatenation
+    of all previous outputs and ``p`` (newest first), instance norm and PReLU. Output: ``x`` plus
+    the last layer's output.
+    """
+
+    def __init__(self, dim: int, hidden: int, order: int = 20, depth: int = 2):
+        super().__init__()
+        self.linear = nn.Linear(dim, hidden)
+        self.project = nn.Linear(hidden, dim, bias=False)
+        k = 2 * order - 1
+        self.convs = nn.ModuleList(
+            nn.Conv1d(dim * (i + 1), dim, k, dilation=2**i, padding=(order - 1) * 2**i,
+                      groups=dim, bias=False)
+            for i in range(depth))
+        self.norms = nn.ModuleList(nn.InstanceNorm1d(dim, affine=True) for _ in range(depth))
+        self.acts = nn.ModuleList(nn.PReLU(dim) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense = self.project(F.relu(self.linear(x))).transpose(1, 2)  # [batch, dim, frames]
+        for conv, norm, act in zip(self.convs, self.norms, self.acts):
+            out = act(norm(conv(dense)))
+            dense = torch.cat((out, dense), dim=1)
+        return x + out.transpose(1, 2)
+
+
+class GatedFSMN(nn.Module):
+    """``to_v(x) * fsmn(to_u(x)) + x`` with two LayerNorm :class:`FFConvM` branches
+    (clearvoice ``mossformer2_block.py`` Gated_FSMN_dilated)."""
+
+    def __init__(self, dim: int, order: int = 20, kernel_size: int = 17, dropout: float = 0.1):
+        super().__init__()
+        self.to_u = FFConvM(dim, dim, "layer", kernel_size, dropout)
+        self.to_v = FFConvM(dim, dim, "layer", kernel_size, dropout)
+        self.fsmn = DilatedFSMN(dim, dim, order)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(x, self.to_v(x), self.fsmn(self.to_u(x)))
+
+
+class GatedFSMNBlock(nn.Module):
+    """The recurrent-free memory block of a MossFormer2 layer (clearvoice ``mossformer2_block.py``
+    Gated_FSMN_Block_Dilated): linear dim->inner, PReLU, LayerNorm, :class:`GatedFSMN`,
+    LayerNorm, linear inner->dim, plus the input. ``[batch, frames, dim]`` in and out."""
+
+    def __init__(self, dim: int, inner: int = 256, order: int = 20, kernel_size: int = 17,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.in_proj = nn.Linear(dim, inner)
+        self.in_act = nn.PReLU()
+        self.norm1 = nn.LayerNorm(inner)
+        self.gated = GatedFSMN(inner, order, kernel_size, dropout)
+        self.norm2 = nn.LayerNorm(inner)
+        self.out_proj = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(self.in_act(self.in_proj(x)))
+        return x + self.out_proj(self.norm2(self.gated(h)))
+
+
+class MossFormer2Layer(nn.Module):
+    """One MossFormer2 layer: gated attention, then the FSMN memory block."""
+
+    def __init__(self, dim, group_size=256, qk_dim=128, expansion_factor=4.0, fsmn_dim=256,
+                 fsmn_order=20, kernel_size=17, dropout=0.1):
+        super().__init__()
+        self.attention = FLASH_ShareA_FFConvM(dim, group_size, qk_dim, expansion_factor,
+                                              kernel_size, dropout)
+        self.fsmn = GatedFSMNBlock(dim, fsmn_dim, fsmn_order, kernel_size, dropout)
+
+    def forward(self, x, rope):
+        return self.fsmn(self.attention(x, rope))
+
+
+# --------------------------------------------------------------------------------------------
+# Mask net and the whole model
+# --------------------------------------------------------------------------------------------
+
+
+class MossFormer2MaskNet(nn.Module):
+    """MossFormer2 mask estimator: ``[batch, N, frames]`` -> masks ``[batch, n_src, N, frames]``.
+
+    Arguments
+    ---------
+    N : int
+        Encoder channels (also the width of the MossFormer2 layers).
+    num_layers : int
+        Number of MossFormer2 layers R.
+    n_src : int
+        Number of sources.
+    group_size : int
+        Frames per group of the quadratic attention.
+    qk_dim : int
+        Width of the shared query/key projection.
+    expansion_factor : float
+        Width of ``[v | u]`` relative to N.
+    fsmn_dim : int
+        Width inside the FSMN memory blocks.
+    fsmn_order : int
+        FSMN memory order (conv kernel ``2 * order - 1``).
+    kernel_size : int
+        Kernel of the depthwise convs of the feed-forward projections.
+    dropout : float
+        Dropout of attention weights and feed-forward projections (training only).
+    rotary_dim : int
+        Query/key features that get the rotary embedding (at most ``qk_dim``).
+    """
+
+    def __init__(self, N=512, num_layers=24, n_src=2, group_size=256, qk_dim=128,
+                 expansion_factor=4.0, fsmn_dim=256, fsmn_order=20, kernel_size=17,
+                 dropout=0.1, rotary_dim=32):
+        super().__init__()
+        self.N, self.n_src = N, n_src
+        self.norm = GlobalNorm(N)
+        self.in_proj = nn.Linear(N, N, bias=False)
+        self.pos_enc = ScaledSinuEmbedding(N)
+        self.rotary = RotaryEmbedding(min(rotary_dim, qk_dim))
+        self.layers = nn.ModuleList(
+            MossFormer2Layer(N, group_size, qk_dim, expansion_factor, fsmn_dim, fsmn_order,
+                             kernel_size, dropout)
+            for _ in range(num_layers))
+        self.out_norm = nn.LayerNorm(N, eps=1e-6)
+        self.skip_norm = GlobalNorm(N)
+        self.prelu = nn.PReLU()
+        self.mask_proj = nn.Linear(N, n_src * N)
+        self.tanh_proj = nn.Linear(N, N)
+        self.gate_proj = nn.Linear(N, N)
+        self.out_proj = nn.Linear(N, N, bias=False)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        frames = w.shape[-1]
+        x = self.in_proj(self.norm(w.transpose(1, 2)))  # [batch, frames, N]
+        x = x + self.pos_enc(frames)
+        skip = x
+        rope = self.rotary(frames)
+        for layer in self.layers:
+            x = layer(x, rope)
+        x = self.prelu(self.skip_norm(self.out_norm(x)) + skip)
+        m = self.mask_proj(x).unflatten(-1, (self.n_src, self.N))  # [batch, frames, n_src, N]
+        m = torch.tanh(self.tanh_proj(m)) * torch.sigmoid(self.gate_proj(m))
+        m = F.relu(self.out_proj(m))
+        return m.permute(0, 2, 3, 1)
+
+
+class _UnpaddedEncoder(Encoder):
+    """The ClearerVoice framing: the input is padded only when shorter than one frame, so the
+    last ``(time - L) % stride`` samples are left out (the decoder gives zeros there)."""
+
+    def padding_for(self, length: int) -> int:
+        return max(0, self.kernel_size - length)
+
+
+class _ZeroTailDecoder(Decoder):
+    """Transposed conv, then zero-padded or trimmed to the input length."""
+
+    def forward(self, w: torch.Tensor, length: int) -> torch.Tensor:
+        x = self.deconv(w).squeeze(1)
+        return F.pad(x, (0, max(0, length - x.shape[-1])))[..., :length]
+
+
+class MossFormer2(EncoderMaskerDecoder):
+    """MossFormer2 separation model: ``mix [batch, time] -> [batch, time, n_src]``.
+
+    Encoder (N filters, kernel L, stride L/2, ReLU) -> :class:`MossFormer2MaskNet` ->
+    transposed-conv decoder. See :class:`MossFormer2MaskNet` for the other arguments. Paper
+    configurations: ``MossFormer2(N=512, num_layers=24)`` (55.7 M parameters) and
+    ``MossFormer2(N=384, num_layers=25)`` (37.8 M).
+    """
+
+    def __init__(self, N=512, L=16, num_layers=24, n_src=2, group_size=256, qk_dim=128,
+                 expansion_factor=4.0, fsmn_dim=256, fsmn_order=20, kernel_size=17,
+                 dropout=0.1):
+        super().__init__(
+            _UnpaddedEncoder(L, N),
+            MossFormer2MaskNet(N, num_layers, n_src, group_size, qk_dim, expansion_factor,
+                               fsmn_dim, fsmn_order, kernel_size, dropout),
+            _ZeroTailDecoder(L, N),
+        )
+        self.config = dict(N=N, L=L, num_layers=num_layers, n_src=n_src, group_size=group_size,
+                           qk_dim=qk_dim, expansion_factor=expansion_factor, fsmn_dim=fsmn_dim,
+                           fsmn_order=fsmn_order, kernel_size=kernel_size, dropout=dropout)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.config.items())
+
+
+# --------------------------------------------------------------------------------------------
+# ClearerVoice checkpoints
+# --------------------------------------------------------------------------------------------
+# Key names of `MossFormer2_SS_16K(args).model` in clearvoice 0.1.2,
+# clearvoice/models/mossformer2_ss/mossformer2.py (MossFormer, MossFormer_MaskNet,
+# Computation_Block, MossFormerM) and mossformer2_block.py (MossformerBlock_GFSMN,
+# FLASH_ShareA_FFConvM, FFConvM, Gated_FSMN_Block_Dilated, Gated_FSMN_dilated), fsmn.py
+# (UniDeepFsmn_dilated, DilatedDenseNet), conv_module.py (ConvModule). The checkpoint file is
+# `{'model': state_dict, ...}` (clearvoice/networks.py SpeechModel._load_model, model_key='model'),
+# sometimes with a `module.` prefix (DataParallel). Its 1x1 Conv1d weights [out, in, 1] load into
+# our nn.Linear [out, in], its Conv2d (k, 1) FSMN kernels [C, g, k, 1] into Conv1d [C, g, k].
+
+_LAYER = r"mask_net\.mdl\.intra_mdl\.mossformerM"
+# (clearvoice regex, our replacement) and the inverse, applied in order, first match wins
+_PREFIX_RULES = [
+    (r"enc\.conv1d\.", "encoder.conv."),
+    (r"dec\.", "decoder.deconv."),
+    (r"mask_net\.norm\.", "masker.norm."),
+    (r"mask_net\.conv1d_encoder\.", "masker.in_proj."),
+    (r"mask_net\.pos_enc\.", "masker.pos_enc."),
+    (_LAYER + r"\.layers\.(\d+)\.", r"masker.layers.\1.attention."),
+    (_LAYER + r"\.fsmn\.(\d+)\.", r"masker.layers.\1.fsmn."),
+    (r"mask_net\.mdl\.intra_mdl\.norm\.", "masker.out_norm."),
+    (r"mask_net\.mdl\.intra_norm\.", "masker.skip_norm."),
+    (r"mask_net\.prelu\.", "masker.prelu."),
+    (r"mask_net\.conv1d_out\.", "masker.mask_proj."),
+    (r"mask_net\.output\.0\.", "masker.tanh_proj."),
+    (r"mask_net\.output_gate\.0\.", "masker.gate_proj."),
+    (r"mask_net\.conv1_decoder\.", "masker.out_proj."),
+]
+# inside a block, after the prefix
+_INNER_RULES = [
+    (r"(to_hidden|to_qk|to_out|to_u|to_v)\.mdl\.0\.", r"\1.norm."),
+    (r"(to_hidden|to_qk|to_out|to_u|to_v)\.mdl\.1\.", r"\1.linear."),
+    (r"(to_hidden|to_qk|to_out|to_u|to_v)\.mdl\.3\.sequential\.1\.conv\.", r"\1.dwconv."),
+    (r"conv1\.0\.", "in_proj."),
+    (r"conv1\.1\.", "in_act."),
+    (r"conv2\.", "out_proj."),
+    (r"gated_fsmn\.", "gated."),
+    (r"fsmn\.conv\.conv(\d+)\.", lambda m: f"fsmn.convs.{int(m.group(1)) - 1}."),
+    (r"fsmn\.conv\.norm(\d+)\.", lambda m: f"fsmn.norms.{int(m.group(1)) - 1}."),
+    (r"fsmn\.conv\.prelu(\d+)\.", lambda m: f"fsmn.acts.{int(m.group(1)) - 1}."),
+]
+# buffers of fixed values: checked against ours, never loaded
+_CONSTANT_KEYS = re.compile(_LAYER + r"\.layers\.(\d+)\.rotary_pos_emb\.freqs$|mask_net\.pos_enc\.inv_freq$")
+
+
+def _apply_rules(key: str, prefix_rules, inner_rules) -> str | None:
+    for pattern, repl in prefix_rules:
+        m = re.match(pattern, key)
+        if m:
+            head = m.expand(repl) if isinstance(repl, str) else repl(m)
+            tail = key[m.end():]
+            break
+    else:
+        return None
+    tail_out = ""
+    while tail:  # the inner rules rewrite the dotted path left to right
+        for pattern, repl in inner_rules:
+            m = re.match(pattern, tail)
+            if m:
+                tail_out += m.expand(repl) if isinstance(repl, str) else repl(m)
+                tail = tail[m.end():]
+                break
+        else:
+            part, _, tail = tail.partition(".")
+            tail_out += part + ("." if tail else "")
+    return head + tail_out
+
+
+def clearvoice_to_ours(key: str) -> str | None:
+    """Our parameter name for a ClearerVoice ``MossFormer2_SS_16K`` key (None if unknown)."""
+    return _apply_rules(key, _PREFIX_RULES, _INNER_RULES)
+
+
+_INVERSE_PREFIX = [
+    (r"encoder\.conv\.", "enc.conv1d."),
+    (r"decoder\.deconv\.", "dec."),
+    (r"masker\.norm\.", "mask_net.norm."),
+    (r"masker\.in_proj\.", "mask_net.conv1d_encoder."),
+    (r"masker\.pos_enc\.", "mask_net.pos_enc."),
+    (r"masker\.layers\.(\d+)\.attention\.", r"mask_net.mdl.intra_mdl.mossformerM.layers.\1."),
+    (r"masker\.layers\.(\d+)\.fsmn\.", r"mask_net.mdl.intra_mdl.mossformerM.fsmn.\1."),
+    (r"masker\.out_norm\.", "mask_net.mdl.intra_mdl.norm."),
+    (r"masker\.skip_norm\.", "mask_net.mdl.intra_norm."),
+    (r"masker\.prelu\.", "mask_net.prelu."),
+    (r"masker\.mask_proj\.", "mask_net.conv1d_out."),
+    (r"masker\.tanh_proj\.", "mask_net.output.0."),
+    (r"masker\.gate_proj\.", "mask_net.output_gate.0."),
+    (r"masker\.out_proj\.", "mask_net.conv1_decoder."),
+]
+_INVERSE_INNER = [
+    (r"(to_hidden|to_qk|to_out|to_u|to_v)\.norm\.", r"\1.mdl.0."),
+    (r"(to_hidden|to_qk|to_out|to_u|to_v)\.linear\.", r"\1.mdl.1."),
+    (r"(to_hidden|to_qk|to_out|to_u|to_v)\.dwconv\.", r"\1.mdl.3.sequential.1.conv."),
+    (r"in_proj\.", "conv1.0."),
+    (r"in_act\.", "conv1.1."),
+    (r"out_proj\.", "conv2."),
+    (r"gated\.", "gated_fsmn."),
+    (r"fsmn\.convs\.(\d+)\.", lambda m: f"fsmn.conv.conv{int(m.group(1)) + 1}."),
+    (r"fsmn\.norms\.(\d+)\.", lambda m: f"fsmn.conv.norm{int(m.group(1)) + 1}."),
+    (r"fsmn\.acts\.(\d+)\.", lambda m: f"fsmn.conv.prelu{int(m.group(1)) + 1}."),
+]
+
+
+def ours_to_clearvoice(key: str) -> str | None:
+    """The ClearerVoice key of one of our parameter names (None if it has none)."""
+    return _apply_rules(key, _INVERSE_PREFIX, _INVERSE_INNER)
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint does not fit the model: the message names every offending key."""
+
+
+def read_clearvoice_state_dict(path_or_state_dict) -> dict[str, torch.Tensor]:
+    """The ClearerVoice state dict of a checkpoint file or dict, without ``module.`` prefixes.
+
+    Accepts ``{'model': state_dict, ...}`` (what ClearerVoice saves) or a bare state dict.
+    Files are read with ``torch.load(..., weights_only=True)``.
+    """
+    source = path_or_state_dict
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            source = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - say which file and why
+            raise CheckpointMismatchError(
+                f"cannot read {os.fspath(path_or_state_dict)} as a PyTorch checkpoint with "
+                f"weights_only=True: {err}") from err
+    if not isinstance(source, dict):
+        raise CheckpointMismatchError(f"expected a state dict or {{'model': state_dict}}, got "
+                                      f"{type(source).__name__}")
+    if "model" in source and isinstance(source["model"], dict):
+        source = source["model"]
+    not_tensors = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointMismatchError(
+            "expected a state dict (name -> tensor) or {'model': state_dict, ...}; these "
+            f"entries are not tensors: {not_tensors[:10]}")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in source.items()}
+
+
+def clearvoice_config(state: dict[str, torch.Tensor]) -> dict:
+    """:class:`MossFormer2` arguments read off a ClearerVoice state dict's shapes
+    (``group_size`` has no weights; ClearerVoice always uses 256, our default)."""
+    prefix = _LAYER.replace("\\", "")
+    try:
+        N, _, L = state["enc.conv1d.weight"].shape
+        layers = {int(m.group(1)) for k in state
+                  for m in [re.match(_LAYER + r"\.layers\.(\d+)\.", k)] if m}
+        hidden = state[f"{prefix}.layers.0.to_hidden.mdl.1.weight"].shape[0]
+        cfg = dict(
+            N=int(N), L=int(L), num_layers=max(layers) + 1,
+            n_src=int(state["mask_net.conv1d_out.weight"].shape[0] // N),
+            qk_dim=int(state[f"{prefix}.layers.0.to_qk.mdl.1.weight"].shape[0]),
+            expansion_factor=hidden / N,
+            fsmn_dim=int(state[f"{prefix}.fsmn.0.conv1.0.weight"].shape[0]),
+            fsmn_order=(int(state[f"{prefix}.fsmn.0.gated_fsmn.fsmn.conv.conv1.weight"].shape[2]) + 1) // 2,
+            kernel_size=int(state[f"{prefix}.layers.0.to_hidden.mdl.3.sequential.1.conv.weight"].shape[-1]),
+        )
+    except (KeyError, ValueError) as err:
+        shown = sorted(state)[:5]
+        raise CheckpointMismatchError(
+            f"not a ClearerVoice MossFormer2_SS checkpoint: {err} not found (keys start with "
+            f"{shown}); expected keys such as enc.conv1d.weight, mask_net.*, dec.weight") from err
+    if cfg["expansion_factor"] == int(cfg["expansion_factor"]):
+        cfg["expansion_factor"] = float(int(cfg["expansion_factor"]))
+    return cfg
+
+
+def convert_clearvoice_state_dict(state: dict[str, torch.Tensor], model: nn.Module,
+                                  strict: bool = True) -> dict[str, torch.Tensor]:
+    """Map a ClearerVoice state dict (no ``module.`` prefix) onto ``model``'s names and shapes.
+
+    Every key is accounted for: unknown or surplus keys ("unexpected"), weights the model
+    needs that the checkpoint lacks ("missing") and weights of another shape are listed by
+    name in a :class:`CheckpointMismatchError`. ``strict=False`` loads what fits and warns
+    about missing and unexpected keys by name; a wrong shape or a wrong constant is always an
+    error. Fixed buffers of the reference (rotary and sinusoidal frequencies) are compared with
+    ours instead of loaded.
+    """
+    target = model.state_dict()
+    constants = {"masker.pos_enc.inv_freq": model.masker.pos_enc.inv_freq,
+                 "rotary": model.masker.rotary.freqs}
+    out, unexpected, wrong_shape, wrong_constant = {}, [], [], []
+    for key, value in state.items():
+        if _CONSTANT_KEYS.match(key):
+            ours = constants["rotary"] if "rotary" in key else constants["masker.pos_enc.inv_freq"]
+            if value.shape != ours.shape or not torch.allclose(value.double().cpu(), ours.double().cpu()):
+                wrong_constant.append(f"{key}: checkpoint {tuple(value.shape)} differs from the "
+                                      f"fixed frequencies {tuple(ours.shape)} of this model")
+            continue
+        name = clearvoice_to_ours(key)
+        if name is None or name not in target:
+            unexpected.append(key + (f" (-> {name})" if name else ""))
+            continue
+        want = target[name].shape
+        if value.shape != want:
+            extra = value.shape[len(want):]
+            if value.shape[:len(want)] == want and all(s == 1 for s in extra):
+                value = value.reshape(want)  # a 1x1 conv into a linear layer, (k, 1) conv into (k)
+            else:
+                wrong_shape.append(f"{key}: checkpoint {tuple(value.shape)}, model {name} "
+                                   f"expects {tuple(want)}")
+                continue
+        out[name] = value
+    missing = [f"{ours_to_clearvoice(k) or '?'} (model {k})" for k in target if k not in out]
+    problems = []
+    if wrong_shape:
+        problems.append(f"wrong shape ({len(wrong_shape)}):\n    " + "\n    ".join(wrong_shape))
+    if wrong_constant:
+        problems.append(f"wrong fixed buffer ({len(wrong_constant)}):\n    " + "\n    ".join(wrong_constant))
+    soft = []
+    if missing:
+        soft.append(f"missing ({len(missing)}):\n    " + "\n    ".join(missing))
+    if unexpected:
+        soft.append(f"unexpected ({len(unexpected)}):\n    " + "\n    ".join(unexpected))
+    cfg = getattr(model, "config", {})
+    what = f"{type(model).__name__}({', '.join(f'{k}={v}' for k, v in cfg.items())})"
+    if problems or (strict and soft):
+        raise CheckpointMismatchError(
+            f"the checkpoint does not fit {what}:\n  " + "\n  ".join(problems + (soft if strict else []))
+            + "\nIs it a ClearerVoice MossFormer2_SS checkpoint of this configuration? "
+            "load_clearvoice_checkpoint(path) without a model builds the matching one.")
+    if soft:
+        warnings.warn(f"loading a partial checkpoint into {what}:\n  " + "\n  ".join(soft), stacklevel=3)
+    return out
+
+
+def load_clearvoice_checkpoint(path_or_state_dict, model: MossFormer2 | None = None,
+                               strict: bool = True) -> MossFormer2:
+    """Load ClearerVoice ``MossFormer2_SS_16K`` weights into ``model`` (or into a new
+    :class:`MossFormer2` whose configuration is read off the checkpoint) and return it.
+
+    ``path_or_state_dict``: a file saved as ``{'model': state_dict, ...}`` or as a bare state
+    dict, or such a dict; a ``module.`` prefix is stripped. Any key that does not fit raises a
+    :class:`CheckpointMismatchError` naming it (see :func:`convert_clearvoice_state_dict`).
+    """
+    state = read_clearvoice_state_dict(path_or_state_dict)
+    if model is None:
+        model = MossFormer2(**clearvoice_config(state))
+    converted = convert_clearvoice_state_dict(state, model, strict=strict)
+    model.load_state_dict(converted, strict=strict)
+    return model
