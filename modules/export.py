@@ -7,8 +7,8 @@
 The hub folder gets ``hyperparams.yaml`` (the model's top-level ``hparams/<experiment>.yaml``,
 or ``hparams/<task>/<experiment>.yaml`` such as ``hparams/target_speaker/``, unless ``--hparams``
 names another), ``model.ckpt`` (the model weights of the best checkpoint by the recipe's
-``valid_metric``, SI-SNR by default, a plain state dict loadable with ``torch.load(...,
-weights_only=True)``) and a model card ``README.md`` with the test metrics of
+``valid_metric``, SI-SNR by default, a plain state dict that loads with weights_only=True
+in ``torch.load``) and a model card ``README.md`` with the test metrics of
 ``test_summary.json`` and a usage snippet. The folder is loaded back through the interface its
 yaml names (``interface:``; :class:`modules.inference.Separator` by default, e.g.
 ``TargetSpeakerExtractor`` for target-speaker extraction) before anything is uploaded, and the

@@ -256,7 +256,7 @@ def test_balancer_state_dict_round_trip():
     torch.save(a.state_dict(), buf)
     buf.seek(0)
     b = LossBalancer(2, beta=0.7, temperature=1.5)
-    b.load_state_dict(torch.load(buf))
+    b.load_state_dict(torch.load(buf, weights_only=True))
     for losses in STEPS[3:] + STEPS[:2]:
         ta, wa = a([torch.tensor(x) for x in losses])
         tb, wb = b([torch.tensor(x) for x in losses])
