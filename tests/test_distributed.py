@@ -50,6 +50,15 @@ train.run(sys.argv[1:])
 """
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (a fixed one can be taken by another run)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_process_ddp_on_cpu(tmp_path, cache):
     out = tmp_path / "ddp"
     out.mkdir()
@@ -57,7 +66,7 @@ def test_two_process_ddp_on_cpu(tmp_path, cache):
     wrapper.write_text(WRAPPER.format(root=ROOT, recipe=RECIPE, out=str(out)))
     yaml = os.path.join(RECIPE, "hparams", "convtasnet-small.yaml")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--nproc_per_node=2", "--master_port=29517", str(wrapper), yaml,
+    cmd = [torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", str(wrapper), yaml,
            "--distributed_backend=gloo", f"--output_folder={out}", "--noprogressbar",
            "--number_of_epochs=2", "--batch_size=2", f"--cache_folder={cache}",
            *SMALL_DATA, *TINY_MODEL]
