@@ -65,3 +65,10 @@ pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
     loadables:
         model: !ref <model>
 """
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """One data-cache folder for the whole test session (named so as to shadow pytest's own
+    ``cache`` fixture in every test file, not only where it is defined)."""
+    return str(tmp_path_factory.mktemp("data_cache"))

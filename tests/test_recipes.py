@@ -29,11 +29,6 @@ TINY_MODEL = ["--N=16", "--L=16", "--B=16", "--H=32", "--Sc=16", "--X=2", "--R=1
 DEBUG_OVERRIDES = {"mossformer2.yaml": ["--num_layers=2"], "mossformer2-s.yaml": ["--num_layers=2"]}
 
 
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data_cache"))
-
-
 def run_recipe(script, yaml, out, *args):
     cmd = [sys.executable, os.path.join(RECIPE, script), yaml, f"--output_folder={out}",
            "--noprogressbar", *args]
