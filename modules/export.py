@@ -63,52 +63,53 @@ def best_checkpoint(output_folder: str, metric: str = "si-snr") -> str:
     return best
 
 
-def model_card(name, data, summary, repo_id):
-    source = repo_id or "<this folder>"
-    lines = [f"---\nlibrary_name: speechbrain\ntags:\n- audio-source-separation\n- speechbrain\n---",
-             f"# {name}", "",
-             f"Speech separation model trained with the `{name}` recipe (SI-SNR + PIT).", "",
-             f"Training data: {data}.", ""]
-    if summary:
-        lines += [f"Test set: {summary.get('n_mixtures')} mixtures.", "",
-                  "| SI-SNR | SI-SNRi | SDR | SDRi |", "|---|---|---|---|",
-                  "| " + " | ".join(f"{summary[k]:.2f} dB" for k in ("si-snr", "si-snr_i", "sdr", "sdr_i"))
-                  + " |", ""]
-    else:
-        lines += ["No test metrics were found (test_summary.json missing).", ""]
-    lines += ["## Usage", "", "```python",
-              "from modules.inference import Separator",
-              f'sep = Separator.from_hparams(source="{source}", savedir="pretrained/{name}")',
-              'est = sep.separate_file("mixture.wav", output_dir="separated/")  # [1, time, n_src]',
-              "```", "",
+def _card(tag, name, intro, metrics, usage):
+    """A model card: Hub front matter, title, ``intro`` lines, ``metrics`` lines (or a note that
+    there are none), then a usage section of ``usage`` lines."""
+    lines = [f"---\nlibrary_name: speechbrain\ntags:\n- {tag}\n- speechbrain\n---", f"# {name}", "",
+             *intro]
+    lines += metrics or ["No test metrics were found (test_summary.json missing).", ""]
+    lines += ["## Usage", "", "```python", *usage,
               "`modules` is the recipe collection this model was trained with.", ""]
     return "\n".join(lines)
+
+
+def model_card(name, data, summary, repo_id):
+    source = repo_id or "<this folder>"
+    metrics = None
+    if summary:
+        metrics = [f"Test set: {summary.get('n_mixtures')} mixtures.", "",
+                   "| SI-SNR | SI-SNRi | SDR | SDRi |", "|---|---|---|---|",
+                   "| " + " | ".join(f"{summary[k]:.2f} dB" for k in ("si-snr", "si-snr_i", "sdr", "sdr_i"))
+                   + " |", ""]
+    return _card("audio-source-separation", name,
+                 [f"Speech separation model trained with the `{name}` recipe (SI-SNR + PIT).", "",
+                  f"Training data: {data}.", ""], metrics,
+                 ["from modules.inference import Separator",
+                  f'sep = Separator.from_hparams(source="{source}", savedir="pretrained/{name}")',
+                  'est = sep.separate_file("mixture.wav", output_dir="separated/")  # [1, time, n_src]',
+                  "```", ""])
 
 
 def extraction_model_card(name, data, summary, repo_id):
     """Model card of a target-speaker extraction model (recipes/target_speaker)."""
     source = repo_id or "<this folder>"
-    lines = [f"---\nlibrary_name: speechbrain\ntags:\n- target-speaker-extraction\n- speechbrain\n---",
-             f"# {name}", "",
-             f"Target-speaker extraction model trained with the `{name}` recipe (WavLM + TasNet mask, "
-             "SI-SDR loss against the target).", "", f"Training data: {data}.", ""]
+    metrics = None
     if summary:
-        lines += [f"Test set: {summary.get('n_mixtures')} two-speaker mixtures, enrolment: "
-                  f"{', '.join(summary.get('enroll_modes', [])) or 'n/a'}.", "",
-                  "| SI-SDR | SI-SDRi | target confusion rate |", "|---|---|---|",
-                  f"| {summary['si-sdr']:.2f} dB | {summary['si-sdr_i']:.2f} dB | "
-                  f"{100 * summary['target_confusion_rate']:.1f} % |", "",
-                  "Target confusion: the output is closer (SI-SDR) to the interferer than to the target.", ""]
-    else:
-        lines += ["No test metrics were found (test_summary.json missing).", ""]
-    lines += ["## Usage", "", "```python",
-              "from modules.inference import TargetSpeakerExtractor",
-              f'tse = TargetSpeakerExtractor.from_hparams(source="{source}", savedir="pretrained/{name}")',
-              'est = tse.extract_file("mixture.wav", "enrollment.wav", output_dir="extracted/")  # [1, time]',
-              "```", "", "or `python -m modules.extract --mix mixture.wav --enroll enrollment.wav "
-              f"--model {source} --out extracted/`.", "",
-              "`modules` is the recipe collection this model was trained with.", ""]
-    return "\n".join(lines)
+        metrics = [f"Test set: {summary.get('n_mixtures')} two-speaker mixtures, enrolment: "
+                   f"{', '.join(summary.get('enroll_modes', [])) or 'n/a'}.", "",
+                   "| SI-SDR | SI-SDRi | target confusion rate |", "|---|---|---|",
+                   f"| {summary['si-sdr']:.2f} dB | {summary['si-sdr_i']:.2f} dB | "
+                   f"{100 * summary['target_confusion_rate']:.1f} % |", "",
+                   "Target confusion: the output is closer (SI-SDR) to the interferer than to the target.", ""]
+    return _card("target-speaker-extraction", name,
+                 [f"Target-speaker extraction model trained with the `{name}` recipe (WavLM + TasNet "
+                  "mask, SI-SDR loss against the target).", "", f"Training data: {data}.", ""], metrics,
+                 ["from modules.inference import TargetSpeakerExtractor",
+                  f'tse = TargetSpeakerExtractor.from_hparams(source="{source}", savedir="pretrained/{name}")',
+                  'est = tse.extract_file("mixture.wav", "enrollment.wav", output_dir="extracted/")  # [1, time]',
+                  "```", "", "or `python -m modules.extract --mix mixture.wav --enroll enrollment.wav "
+                  f"--model {source} --out extracted/`.", ""])
 
 
 def export(output_folder: str, hub_folder: str, hparams: str | None = None,
