@@ -31,13 +31,17 @@ come out as zeros), and the attention logits are divided by the group size, not 
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import re
+import sys
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .tasnet import Decoder, Encoder, EncoderMaskerDecoder
 
@@ -62,6 +66,7 @@ __all__ = [
     "read_clearvoice_state_dict",
     "convert_clearvoice_state_dict",
     "load_clearvoice_checkpoint",
+    "clearvoice_reference",
 ]
 
 # Named configurations. "tiny" keeps the attention/FSMN widths that the ClearerVoice code fixes
@@ -90,7 +95,7 @@ class ScaleNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True) * self.scale
-        return x / rms.clamp(min=self.eps) * self.g
+        return x * (self.g / rms.clamp(min=self.eps))  # one pass over x, not two
 
 
 class GlobalNorm(nn.Module):
@@ -143,25 +148,138 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cosines and sines ``[frames, 1, dim/2]`` (float32)."""
+        """``cos`` and ``sin`` ``[frames, 1, dim]`` (float32), each angle written twice (once per
+        feature of its pair) and the sine negative on the even features, so that a rotation is
+        ``x * cos + swap_pairs(x) * sin``."""
         t = torch.arange(frames, device=self.freqs.device, dtype=torch.float32)
-        angles = torch.outer(t, self.freqs).unsqueeze(1)
-        return angles.cos(), angles.sin()
+        angles = torch.outer(t, self.freqs).repeat_interleave(2, dim=-1).unsqueeze(1)
+        sign = torch.tensor([-1.0, 1.0], device=self.freqs.device).repeat(self.dim // 2)
+        return angles.cos(), angles.sin() * sign
 
     @staticmethod
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate the first ``2 * cos.shape[-1]`` features of ``x [batch, frames, heads, d]``."""
-        d = 2 * cos.shape[-1]
-        pairs = x[..., :d].unflatten(-1, (-1, 2))
-        even, odd = pairs[..., 0], pairs[..., 1]
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
-        return torch.cat((rotated.flatten(-2), x[..., d:]), dim=-1)
+    def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate the first ``cos.shape[-1]`` features of ``x [batch, frames, heads, d]`` in
+        place (pair ``(2i, 2i+1)``: ``(a, b) -> (a cos - b sin, b cos + a sin)``); returns ``x``.
+        ``x`` must be a fresh tensor that autograd does not need."""
+        d = cos.shape[-1]
+        part = x[..., :d]
+        swapped = part.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        part.copy_(part * cos.to(x.dtype) + swapped * sin.to(x.dtype))
+        return x
 
 
 # --------------------------------------------------------------------------------------------
 # Attention: FLASH_ShareA_FFConvM
 # --------------------------------------------------------------------------------------------
+
+
+def _depthwise_image(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise "same" convolution along frames: ``x [batch, frames, C]``, ``weight [C, k]``
+    (odd ``k``) -> ``[batch, C, 1, frames]``, channels-last. A 2-D convolution on the
+    ``[batch, C, 1, frames]`` view of ``x``, whose strides are channels-last: oneDNN's fast
+    depthwise kernel, and no copies."""
+    k = weight.shape[-1]
+    return F.conv2d(x.unsqueeze(1).permute(0, 3, 1, 2), weight.view(-1, 1, 1, k),
+                    padding=(0, (k - 1) // 2), groups=weight.shape[0])
+
+
+def _frames(image: torch.Tensor) -> torch.Tensor:
+    """``[batch, C, 1, frames]`` -> the ``[batch, frames, C]`` view."""
+    return image.permute(0, 2, 3, 1).squeeze(1)
+
+
+def _depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, chunk: int = 64) -> torch.Tensor:
+    """``sum over batch and frames t of grad[b, t, c] * x_padded[b, t + j, c]`` -> ``[C, k]``.
+
+    oneDNN's weight gradient for channels-last depthwise convolutions is ~15x slower than its
+    forward pass. This computes it as a forward depthwise convolution instead: the frames are
+    cut into chunks of ``chunk``, every (batch, chunk, channel) becomes one channel whose input
+    is its ``chunk + k - 1`` frames of ``x`` and whose kernel is its ``chunk`` frames of ``grad``;
+    the ``k`` outputs of each are summed over batch and chunks.
+    """
+    b, frames, c = x.shape
+    half = (k - 1) // 2
+    extra = -frames % chunk
+    n = (frames + extra) // chunk
+    windows = F.pad(x, (0, 0, half, half + extra)).unfold(1, chunk + k - 1, chunk)  # [b, n, c, w]
+    image = windows.permute(3, 0, 1, 2).reshape(1, 1, chunk + k - 1, b * n * c).permute(0, 3, 1, 2)
+    kernels = F.pad(grad, (0, 0, 0, extra)).reshape(b, n, chunk, c).transpose(2, 3)
+    out = F.conv2d(image, kernels.reshape(b * n * c, 1, 1, chunk), groups=b * n * c)
+    return out.reshape(b * n, c, k).sum(0)
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """:func:`_depthwise` with a fast backward pass: the input gradient is the forward
+    convolution of ``grad`` with the flipped kernel, the weight gradient
+    :func:`_depthwise_weight_grad`. (With oneDNN's own backward, one training step of the full
+    model on 2 s of audio took 65 s, most of it in these weight gradients.)"""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return _depthwise_image(x, weight)  # not a view: callers may change views of it in place
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = _frames(grad)
+        grad_x = _frames(_depthwise_image(grad, weight.flip(-1))) if ctx.needs_input_grad[0] else None
+        grad_w = (_depthwise_weight_grad(x, grad, weight.shape[-1])
+                  if ctx.needs_input_grad[1] else None)
+        return grad_x, grad_w
+
+
+def conv_along_frames(x: torch.Tensor, weight: torch.Tensor, dilation: int = 1) -> torch.Tensor:
+    """Grouped, dilated convolution along the frames of a channel-last tensor, "same" padding.
+
+    ``x [batch, frames, C_in]``, ``weight [C_out, C_in / C_out, k]`` (an ``nn.Conv1d`` weight
+    with ``groups=C_out``, odd ``k``) -> ``[batch, frames, C_out]``, the same as ``conv1d`` on the
+    transposed tensor. On CPU, oneDNN has fast kernels only for *undilated, depthwise*
+    convolutions on *channels-last* tensors, and a slow weight gradient even for those; ``conv1d``
+    as the reference uses it is 10-30x slower here (``python bench/mossformer2.py --kernels``).
+    So everything becomes one undilated depthwise convolution (:class:`_DepthwiseConv`):
+
+    * with dilation ``d``, frame ``t = d * s + r`` becomes frame ``s`` of channel ``(r, c)``: the
+      ``[batch, frames / d, d * C]`` view of ``x`` (no copy), the kernel repeated ``d`` times;
+    * a group of ``m`` input channels becomes ``m`` depthwise channels summed afterwards.
+    """
+    c_out, per_group, k = weight.shape
+    batch, frames, c_in = x.shape
+    pad = -frames % dilation
+    if pad:  # whole rows of d frames; the extra frames are zeros, as the conv's padding would be
+        x = F.pad(x, (0, 0, 0, pad))
+    kernel = weight.reshape(c_in, k)
+    if dilation > 1:
+        x = x.reshape(batch, -1, dilation * c_in)
+        kernel = kernel.repeat(dilation, 1)
+    if torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad):
+        y = _DepthwiseConv.apply(x, kernel)
+    else:
+        y = _depthwise_image(x, kernel)
+    y = _frames(y).reshape(batch, -1, c_in)[:, :frames]
+    if per_group == 1:
+        return y
+    out = y[..., 0::per_group]  # summing strided slices is 8x faster than .sum over a last dim of 2
+    for j in range(1, per_group):
+        out = out + y[..., j::per_group]
+    return out
+
+
+class FastDropout(nn.Dropout):
+    """``nn.Dropout`` with a cheaper random mask: on CPU, ``bernoulli_`` costs ~16 ns per
+    element (0.13 s for one 2048-wide activation of 2 s of audio, ~5 s per training step of the
+    full model). Here each element gets 16 random bits (one 64-bit draw per 4 elements) and is
+    dropped when they fall below ``round(p * 2^16)``: the drop rate is ``p`` to within 1/65536,
+    the kept elements are scaled by the exact ``1 / (1 - rate)``. Inference is unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        threshold = round(self.p * 65536)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
+        drop = bits.view(torch.int16)[:n].view(x.shape) < threshold - 32768
+        return (x * (65536 / (65536 - threshold))).masked_fill_(drop, 0.0)
 
 
 class FFConvM(nn.Module):
@@ -179,12 +297,12 @@ class FFConvM(nn.Module):
         self.linear = nn.Linear(dim_in, dim_out)
         self.dwconv = nn.Conv1d(dim_out, dim_out, kernel_size, padding=kernel_size // 2,
                                 groups=dim_out, bias=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = FastDropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.linear(self.norm(x)))
-        h = h + self.dwconv(h.transpose(1, 2)).transpose(1, 2)
-        return self.dropout(h)
+        # the conv output is a fresh tensor that autograd does not keep: add h into it in place
+        return self.dropout(conv_along_frames(h, self.dwconv.weight).add_(h))
 
 
 class OffsetScale(nn.Module):
@@ -227,7 +345,7 @@ class FLASH_ShareA_FFConvM(nn.Module):  # noqa: N801 - the name of the paper's c
         self.to_qk = FFConvM(dim, qk_dim, "scale", kernel_size, dropout)
         self.qk_offset_scale = OffsetScale(qk_dim, heads=4)
         self.to_out = FFConvM(hidden // 2, dim, "scale", kernel_size, dropout)
-        self.attn_dropout = nn.Dropout(dropout)
+        self.attn_dropout = FastDropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         residual = x
@@ -235,7 +353,7 @@ class FLASH_ShareA_FFConvM(nn.Module):  # noqa: N801 - the name of the paper's c
             half = (x.shape[-1] + 1) // 2  # torch.chunk's split: the first part is the larger
             x = torch.cat((F.pad(x[..., :half], (0, 0, 1, -1)), x[..., half:]), dim=-1)
         hidden = self.to_hidden(x)  # [v | u]
-        qk = RotaryEmbedding.rotate(self.qk_offset_scale(self.to_qk(x)), *rope)
+        qk = RotaryEmbedding.rotate_(self.qk_offset_scale(self.to_qk(x)), *rope)
         quad_q, lin_q, quad_k, lin_k = qk.unbind(dim=-2)
         att_v, att_u = self.attend(quad_q, quad_k, lin_q, lin_k, hidden).chunk(2, dim=-1)
         v, u = hidden.chunk(2, dim=-1)
@@ -243,16 +361,30 @@ class FLASH_ShareA_FFConvM(nn.Module):  # noqa: N801 - the name of the paper's c
         return residual + self.to_out(out)
 
     def attend(self, quad_q, quad_k, lin_q, lin_k, values):
-        """Grouped quadratic plus global linear attention of ``values [batch, frames, e]``."""
-        b, n, _ = quad_q.shape
+        """Grouped quadratic plus global linear attention of ``values [batch, frames, e]``.
+
+        The linear part ``q_lin (k_lin^T values) / frames`` is computed first and each group's
+        quadratic part is accumulated into it in place (``baddbmm_``): ``values`` (``e`` = 2048
+        wide in the full model) is never padded, copied or added. Only the 128-wide queries and
+        keys are zero-padded to whole groups (zero keys get no attention weight).
+        """
+        b, n, e = values.shape
         g = self.group_size
         pad = -n % g
-        # zero-padded frames have zero keys, so they receive no attention weight
-        q, k, val = (F.pad(t, (0, 0, 0, pad)).unflatten(1, (-1, g)) for t in (quad_q, quad_k, values))
-        attn = self.attn_dropout(F.relu(q @ k.transpose(-1, -2) / g).square())
-        quad = (attn @ val).flatten(1, 2)[:, :n]
-        lin = lin_q @ (lin_k.transpose(1, 2) @ values / n)
-        return quad + lin
+        q, k = (F.pad(t, (0, 0, 0, pad)).unflatten(1, (-1, g)) for t in (quad_q, quad_k))
+        attn = self.attn_dropout(F.relu(q @ k.transpose(-1, -2) / g).square())  # [b, G, g, g]
+        out = lin_q @ (lin_k.transpose(1, 2) @ values / n)
+        if torch.compiler.is_exporting():  # no loop over a symbolic batch size in an exported graph
+            val = F.pad(values, (0, 0, 0, pad)).unflatten(1, (-1, g))
+            return out + (attn @ val).flatten(1, 2)[:, :n]
+        full = n - n % g
+        for i in range(b):
+            if full:
+                out[i, :full].view(-1, g, e).baddbmm_(attn[i, :full // g],
+                                                      values[i, :full].reshape(-1, g, e))
+            if full < n:  # the last, partial group
+                out[i, full:].addmm_(attn[i, -1, :n - full, :n - full], values[i, full:])
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,11 +415,18 @@ class DilatedFSMN(nn.Module):
         self.acts = nn.ModuleList(nn.PReLU(dim) for _ in range(depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dense = self.project(F.relu(self.linear(x))).transpose(1, 2)  # [batch, dim, frames]
-        for conv, norm, act in zip(self.convs, self.norms, self.acts):
-            out = act(norm(conv(dense)))
-            dense = torch.cat((out, dense), dim=1)
-        return x + out.transpose(1, 2)
+        dense = self.project(F.relu(self.linear(x)))  # [batch, frames, dim], channels last
+        for i, (conv, norm, act) in enumerate(zip(self.convs, self.norms, self.acts)):
+            if i:
+                dense = torch.cat((out, dense), dim=-1)
+            out = conv_along_frames(dense, conv.weight, conv.dilation[0])
+            # instance norm over frames, per channel (two passes; torch.var_mean along the
+            # frames of a channel-last tensor is 5x slower), then a per-channel PReLU
+            centred = out - out.mean(dim=1, keepdim=True)
+            scale = torch.rsqrt(centred.square().mean(dim=1, keepdim=True) + norm.eps) * norm.weight
+            out = F.prelu(torch.addcmul(norm.bias, centred, scale).transpose(1, 2), act.weight)
+            out = out.transpose(1, 2)
+        return x + out
 
 
 class GatedFSMN(nn.Module):
@@ -370,13 +509,19 @@ class MossFormer2MaskNet(nn.Module):
         Dropout of attention weights and feed-forward projections (training only).
     rotary_dim : int
         Query/key features that get the rotary embedding (at most ``qk_dim``).
+    checkpoint_layers : bool
+        When gradients are computed, keep only each layer's input and recompute the layer
+        during the backward pass (activation checkpointing; dropout masks are replayed). Peak
+        training memory falls ~10x for ~1/3 more compute: 4-s segments of the full model train
+        in a few GB (``python bench/mossformer2.py``). No effect on inference.
     """
 
     def __init__(self, N=512, num_layers=24, n_src=2, group_size=256, qk_dim=128,
                  expansion_factor=4.0, fsmn_dim=256, fsmn_order=20, kernel_size=17,
-                 dropout=0.1, rotary_dim=32):
+                 dropout=0.1, rotary_dim=32, checkpoint_layers=True):
         super().__init__()
         self.N, self.n_src = N, n_src
+        self.checkpoint_layers = checkpoint_layers
         self.norm = GlobalNorm(N)
         self.in_proj = nn.Linear(N, N, bias=False)
         self.pos_enc = ScaledSinuEmbedding(N)
@@ -400,7 +545,10 @@ class MossFormer2MaskNet(nn.Module):
         skip = x
         rope = self.rotary(frames)
         for layer in self.layers:
-            x = layer(x, rope)
+            if self.checkpoint_layers and torch.is_grad_enabled() and x.requires_grad:
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, use_reentrant=False)
+            else:
+                x = layer(x, rope)
         x = self.prelu(self.skip_norm(self.out_norm(x)) + skip)
         m = self.mask_proj(x).unflatten(-1, (self.n_src, self.N))  # [batch, frames, n_src, N]
         m = torch.tanh(self.tanh_proj(m)) * torch.sigmoid(self.gate_proj(m))
@@ -435,11 +583,12 @@ class MossFormer2(EncoderMaskerDecoder):
 
     def __init__(self, N=512, L=16, num_layers=24, n_src=2, group_size=256, qk_dim=128,
                  expansion_factor=4.0, fsmn_dim=256, fsmn_order=20, kernel_size=17,
-                 dropout=0.1):
+                 dropout=0.1, checkpoint_layers=True):
         super().__init__(
             _UnpaddedEncoder(L, N),
             MossFormer2MaskNet(N, num_layers, n_src, group_size, qk_dim, expansion_factor,
-                               fsmn_dim, fsmn_order, kernel_size, dropout),
+                               fsmn_dim, fsmn_order, kernel_size, dropout,
+                               checkpoint_layers=checkpoint_layers),
             _ZeroTailDecoder(L, N),
         )
         self.config = dict(N=N, L=L, num_layers=num_layers, n_src=n_src, group_size=group_size,
@@ -693,3 +842,25 @@ def load_clearvoice_checkpoint(path_or_state_dict, model: MossFormer2 | None = N
     converted = convert_clearvoice_state_dict(state, model, strict=strict)
     model.load_state_dict(converted, strict=strict)
     return model
+
+
+def clearvoice_reference():
+    """The reference code, module ``clearvoice/models/mossformer2_ss/mossformer2.py`` of the PyPI
+    package ``clearvoice`` (for equivalence tests and benchmarks; ``MossFormer2_SS_16K(args).model``
+    is the network). Only that sub-package is imported: the package's ``__init__`` pulls in heavy
+    dependencies the model does not need. Raises ImportError with the install command."""
+    missing = [dep for dep in ("clearvoice", "einops", "rotary_embedding_torch", "torchinfo")
+               if importlib.util.find_spec(dep) is None]
+    if missing:
+        raise ImportError(f"the ClearerVoice reference needs {', '.join(missing)}: "
+                          "pip install --no-deps -r requirements-ref.txt")
+    name = "_clearvoice_mossformer2_ss"
+    if name not in sys.modules:
+        root = importlib.util.find_spec("clearvoice").submodule_search_locations[0]
+        folder = os.path.join(root, "models", "mossformer2_ss")
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[name] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(name + ".mossformer2")

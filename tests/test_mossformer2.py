@@ -6,11 +6,8 @@ The reference is ``clearvoice==0.1.2`` (requirements-ref.txt), imported from its
 package's ``__init__`` pulls in heavy dependencies that it does not need for the model.
 """
 
-import importlib
-import importlib.util
 import os
 import re
-import sys
 import types
 
 import pytest
@@ -18,7 +15,8 @@ import torch
 
 from conftest import ROOT
 from modules.mossformer2 import (CONFIGS, CheckpointMismatchError, MossFormer2, clearvoice_config,
-                                 clearvoice_to_ours, load_clearvoice_checkpoint, ours_to_clearvoice)
+                                 clearvoice_reference, clearvoice_to_ours, load_clearvoice_checkpoint,
+                                 ours_to_clearvoice)
 
 SR = 16000
 
@@ -26,20 +24,10 @@ SR = 16000
 @pytest.fixture(scope="module")
 def reference():
     """The module clearvoice/models/mossformer2_ss/mossformer2.py, or a skip saying why."""
-    for dep in ("einops", "rotary_embedding_torch", "torchinfo"):
-        pytest.importorskip(dep, reason="reference dependencies: pip install --no-deps -r requirements-ref.txt")
-    spec = importlib.util.find_spec("clearvoice")
-    if spec is None:
-        pytest.skip("clearvoice not installed: pip install --no-deps -r requirements-ref.txt")
-    folder = os.path.join(spec.submodule_search_locations[0], "models", "mossformer2_ss")
-    name = "_reference_mossformer2_ss"
-    if name not in sys.modules:  # load the sub-package alone, not clearvoice/__init__.py
-        pkg_spec = importlib.util.spec_from_file_location(
-            name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
-        pkg = importlib.util.module_from_spec(pkg_spec)
-        sys.modules[name] = pkg
-        pkg_spec.loader.exec_module(pkg)
-    return importlib.import_module(name + ".mossformer2")
+    try:
+        return clearvoice_reference()
+    except ImportError as err:
+        pytest.skip(str(err))
 
 
 def reference_model(reference, N, num_layers, seed=0, dtype=torch.float32):
