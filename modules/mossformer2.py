@@ -298,11 +298,15 @@ class FFConvM(nn.Module):
         self.dwconv = nn.Conv1d(dim_out, dim_out, kernel_size, padding=kernel_size // 2,
                                 groups=dim_out, bias=False)
         self.dropout = FastDropout(dropout)
+        identity = torch.zeros(kernel_size)
+        identity[kernel_size // 2] = 1.0
+        self.register_buffer("identity", identity, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.linear(self.norm(x)))
-        # the conv output is a fresh tensor that autograd does not keep: add h into it in place
-        return self.dropout(conv_along_frames(h, self.dwconv.weight).add_(h))
+        h = self.linear(self.norm(x))
+        h = F.silu(h, inplace=not torch.is_grad_enabled())  # no second 2048-wide tensor at inference
+        # h + conv(h) is one conv whose kernel has 1 added at its centre tap
+        return self.dropout(conv_along_frames(h, self.dwconv.weight + self.identity))
 
 
 class OffsetScale(nn.Module):
@@ -357,7 +361,10 @@ class FLASH_ShareA_FFConvM(nn.Module):  # noqa: N801 - the name of the paper's c
         quad_q, lin_q, quad_k, lin_k = qk.unbind(dim=-2)
         att_v, att_u = self.attend(quad_q, quad_k, lin_q, lin_k, hidden).chunk(2, dim=-1)
         v, u = hidden.chunk(2, dim=-1)
-        out = (att_u * v) * torch.sigmoid(att_v * u)
+        if torch.is_grad_enabled():
+            out = (att_u * v) * torch.sigmoid(att_v * u)
+        else:  # the same in place, in the attention output (no 1024-wide temporaries)
+            out = att_u.mul_(v).mul_(att_v.mul_(u).sigmoid_())
         return residual + self.to_out(out)
 
     def attend(self, quad_q, quad_k, lin_q, lin_k, values):
@@ -373,7 +380,10 @@ class FLASH_ShareA_FFConvM(nn.Module):  # noqa: N801 - the name of the paper's c
         pad = -n % g
         q, k = (F.pad(t, (0, 0, 0, pad)).unflatten(1, (-1, g)) for t in (quad_q, quad_k))
         attn = self.attn_dropout(F.relu(q @ k.transpose(-1, -2) / g).square())  # [b, G, g, g]
-        out = lin_q @ (lin_k.transpose(1, 2) @ values / n)
+        if b == 1:  # 2-D products: bmm copies the strided query and its 2048-wide result
+            out = torch.mm(lin_q[0], torch.mm(lin_k[0].t(), values[0]) / n).unsqueeze(0)
+        else:
+            out = lin_q @ (lin_k.transpose(1, 2) @ values / n)
         if torch.compiler.is_exporting():  # no loop over a symbolic batch size in an exported graph
             val = F.pad(values, (0, 0, 0, pad)).unflatten(1, (-1, g))
             return out + (attn @ val).flatten(1, 2)[:, :n]
@@ -416,8 +426,9 @@ class DilatedFSMN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dense = self.project(F.relu(self.linear(x)))  # [batch, frames, dim], channels last
-        for i, (conv, norm, act) in enumerate(zip(self.convs, self.norms, self.acts)):
-            if i:
+        out = None
+        for conv, norm, act in zip(self.convs, self.norms, self.acts):
+            if out is not None:  # not after the last layer: only its output is used
                 dense = torch.cat((out, dense), dim=-1)
             out = conv_along_frames(dense, conv.weight, conv.dilation[0])
             # instance norm over frames, per channel (two passes; torch.var_mean along the
