@@ -277,7 +277,8 @@ class FastDropout(nn.Dropout):
             return x
         threshold = round(self.p * 65536)
         n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
+        # all 64 bits random (random_() would leave the sign bit 0)
+        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
         drop = bits.view(torch.int16)[:n].view(x.shape) < threshold - 32768
         return (x * (65536 / (65536 - threshold))).masked_fill_(drop, 0.0)
 

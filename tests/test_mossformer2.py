@@ -281,3 +281,103 @@ def test_training_step_gives_finite_gradients():
     est.square().mean().backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# ---- the fast paths (bench/mossformer2.py) compute the same function -------------------------
+
+
+@pytest.mark.parametrize("batch, frames, c_out, per_group, k, dilation", [
+    (2, 37, 3, 1, 5, 1),   # depthwise, batch 2
+    (1, 41, 3, 2, 7, 2),   # groups of 2 input channels, dilation 2, odd length
+    (2, 30, 2, 2, 5, 2),
+    (1, 70, 4, 1, 17, 1),  # kernel wider than a quarter of the input
+])
+def test_conv_along_frames_is_conv1d_forward_and_backward(batch, frames, c_out, per_group, k, dilation):
+    """Channels-last depthwise convs with their own backward (input gradient by the flipped
+    kernel, weight gradient as a convolution over chunks) against ``F.conv1d``, float64."""
+    import torch.nn.functional as F
+
+    from modules.mossformer2 import conv_along_frames
+
+    gen = torch.Generator().manual_seed(frames)
+    x = torch.randn(batch, frames, c_out * per_group, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(c_out, per_group, k, dtype=torch.float64, generator=gen, requires_grad=True)
+    expected = F.conv1d(x.transpose(1, 2), w, padding=(k - 1) // 2 * dilation, dilation=dilation,
+                        groups=c_out).transpose(1, 2)
+    got = conv_along_frames(x, w, dilation)
+    assert (got - expected).abs().max().item() < 1e-12
+    grad = torch.randn(expected.shape, dtype=torch.float64, generator=gen)
+    want = torch.autograd.grad(expected, (x, w), grad)
+    have = torch.autograd.grad(got, (x, w), grad)
+    for a, b in zip(want, have):
+        assert (a - b).abs().max().item() < 1e-12
+    assert torch.autograd.gradcheck(lambda x, w: conv_along_frames(x, w, dilation), (x, w))
+
+
+def test_fast_dropout_rate_scale_and_eval():
+    from modules.mossformer2 import FastDropout
+
+    drop = FastDropout(0.1).train()
+    x = torch.ones(400, 1000)
+    torch.manual_seed(0)
+    y = drop(x)
+    rate = (y == 0).float().mean().item()
+    assert abs(rate - 0.1) < 0.003  # 400k draws: the standard error is 0.0005
+    assert abs(y.mean().item() - 1.0) < 0.01  # kept elements scaled to keep the mean
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # the seeded generator replays (activation checkpointing)
+    assert not torch.equal(drop(x), y)
+    assert drop.eval()(x) is x
+
+
+def _tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return MossFormer2(N=32, num_layers=2, group_size=64, qk_dim=32, fsmn_dim=32, **kw)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Dropout on: the recomputed layers must replay the same masks."""
+    x, target = mix(0.3, batch=2, seed=1), torch.randn(2, 4800, 2)
+    grads = []
+    for checkpoint in (False, True):
+        model = _tiny(checkpoint_layers=checkpoint).train()
+        torch.manual_seed(5)
+        (model(x) - target).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5), name
+
+
+def test_inference_paths_agree_with_the_autograd_path():
+    """Under no_grad the model gates and applies SiLU in place and, at batch 1, uses 2-D
+    products; with gradients on it does neither. Same outputs, alone or batched."""
+    model = _tiny().eval()
+    x = mix(0.37, batch=2, seed=2)  # 739 frames: 11 full groups of 64 and a partial one
+    with torch.no_grad():
+        fast = model(x)
+        single = torch.cat([model(x[i:i + 1]) for i in range(2)])
+    plain = model(x).detach()
+    assert (fast - plain).abs().max().item() < 1e-5
+    assert (single - plain).abs().max().item() < 1e-5
+
+
+def test_bf16_separator_within_35_db_of_fp32(tmp_path):
+    from modules.inference import Separator
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    model = MossFormer2(**CONFIGS["tiny"])
+    torch.save(model.state_dict(), folder / "model.ckpt")
+    (folder / "hyperparams.yaml").write_text(tiny_hparams() + "chunk_seconds: 1.0\noverlap_seconds: 0.25\n")
+    sep = Separator.from_hparams(source=str(folder), savedir=str(tmp_path / "saved"))
+    x = mix(2.3)  # three chunks
+    fp32 = sep.separate_batch(x)
+    sep.precision = "bf16"
+    bf16 = sep.separate_batch(x)
+    assert bf16.dtype == torch.float32
+    snr = 10 * torch.log10(fp32.pow(2).sum() / (fp32 - bf16).pow(2).sum()).item()
+    assert snr >= 35, snr
+    sep.precision = "fp16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        sep.separate_batch(x)
