@@ -2,7 +2,7 @@
 """Long-file check and cost of separating long audio through the ``Separator`` interface.
 
     python bench/long_file.py --model <model folder> [--data ../shared/data/LibriSpeech]
-                              [--minutes 10] [--paper_config]
+                              [--minutes 10] [--paper_config] [--file_rate 16000]
 
 1. **Speaker swaps on real speech.** Two tracks of continuous real speech: the utterances of two
    speakers (``--speakers a,b``), or else of the held-out speaker groups of the recipe's split
@@ -142,6 +142,9 @@ def main(argv=None):
                         "held-out speaker groups of the recipe's split)")
     p.add_argument("--speaker_pattern", default=None, help="regex, first group = speaker")
     p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--file_rate", type=int, default=None,
+                   help="write the mixture file at this rate (default: the model's); "
+                        "separate_file resamples it to the model's rate")
     p.add_argument("--paper_config", action="store_true",
                    help="also time Conv-TasNet's paper configuration (random weights)")
     p.add_argument("--_measure", nargs=3, help=argparse.SUPPRESS)
@@ -160,8 +163,9 @@ def main(argv=None):
                        a.speaker_pattern)
     mix = ref.sum(1)
     wav = os.path.join(work, "mixture.wav")
-    sf.write(wav, mix.numpy(), sr, subtype="FLOAT")
-    print(f"mixture: {wav} ({seconds / 60:.1f} min at {sr} Hz)\n")
+    file_rate = a.file_rate or sr
+    sf.write(wav, resample(mix.unsqueeze(0), sr, file_rate)[0].numpy(), file_rate, subtype="FLOAT")
+    print(f"mixture: {wav} ({seconds / 60:.1f} min at {file_rate} Hz; model at {sr} Hz)\n")
 
     r = run_measure(os.path.abspath(a.model), wav, os.path.join(work, "model"))
     est = torch.load(r["est"], weights_only=True)
