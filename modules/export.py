@@ -131,8 +131,16 @@ def export(output_folder: str, hub_folder: str, hparams: str | None = None,
         known = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "hparams", "*.yaml")))
         raise FileNotFoundError(f"no inference yaml {hparams}; pass --hparams (known: {known})")
     ckpt = best_checkpoint(output_folder, _saved_value(text, "valid_metric") or "si-snr")
+    with open(hparams) as f:
+        inference = f.read()
+    # the run's values of the inference yaml's plain top-level keys (sizes and sample rate
+    # overridden on the training command line, e.g. --N=128 --sample_rate=8000)
+    plain = re.findall(r"^(\w+):[ \t]*[^!#\n\s][^\n]*$", inference, re.M)
+    inference = set_yaml_values(inference, {k: v for k in plain
+                                            if (v := _saved_value(text, k)) is not None})
     os.makedirs(hub_folder, exist_ok=True)
-    shutil.copy(hparams, os.path.join(hub_folder, "hyperparams.yaml"))
+    with open(os.path.join(hub_folder, "hyperparams.yaml"), "w") as f:
+        f.write(inference)
     state = torch.load(os.path.join(ckpt, "model.ckpt"), map_location="cpu", weights_only=True)
     torch.save(state, os.path.join(hub_folder, "model.ckpt"))
 

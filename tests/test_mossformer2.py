@@ -381,3 +381,31 @@ def test_bf16_separator_within_35_db_of_fp32(tmp_path):
     sep.precision = "fp16"
     with pytest.raises(ValueError, match="precision must be one of"):
         sep.separate_batch(x)
+
+
+def test_export_carries_the_runs_size_overrides(tmp_path):
+    """A run trained with ``--N=32 --num_layers=1 --sample_rate=8000`` on the command line
+    exports to a folder whose yaml has those values (the inference yaml's defaults are 512, 24,
+    16000), and the folder loads with the run's weights."""
+    from modules.export import export
+    from modules.inference import Separator
+
+    run = tmp_path / "run"
+    ckpt = run / "save" / "CKPT+2026-01-01+00-00-00+00"
+    ckpt.mkdir(parents=True)
+    (run / "hyperparams.yaml").write_text(
+        "experiment_name: mossformer2-tiny\nsample_rate: 8000\nN: 32   # encoder filters\n"
+        "num_layers: 1\nvalid_metric: si-snr\n")
+    (ckpt / "CKPT.yaml").write_text("si-snr: 1.5\n")
+    torch.manual_seed(0)
+    model = MossFormer2(N=32, num_layers=1).eval()
+    torch.save(model.state_dict(), ckpt / "model.ckpt")
+    hub = export(str(run), str(tmp_path / "hub"), hparams=os.path.join(ROOT, "hparams", "mossformer2.yaml"))
+    text = open(os.path.join(hub, "hyperparams.yaml")).read()
+    assert re.search(r"^N: 32$", text, re.M) and re.search(r"^num_layers: 1$", text, re.M)
+    assert re.search(r"^sample_rate: 8000$", text, re.M) and re.search(r"^qk_dim: 128$", text, re.M)
+    sep = Separator.from_hparams(source=hub, savedir=str(tmp_path / "loaded"))
+    assert sep.sample_rate == 8000
+    x = mix(0.4)
+    with torch.no_grad():
+        assert torch.equal(sep.separate_batch(x), model(x))
