@@ -160,12 +160,12 @@ def compare(outputs: dict) -> list[str]:
         parts = []
         ref32, ours32 = outputs.get(("reference", seconds, "fp32")), outputs.get(("ours", seconds, "fp32"))
         if ref32 and ours32:
-            a, b = torch.load(ref32), torch.load(ours32)
+            a, b = torch.load(ref32, weights_only=True), torch.load(ours32, weights_only=True)
             parts.append(f"max |ours - reference| fp32 {(a - b).abs().max().item():.1e}")
         for impl in ("ours", "reference"):
             f32, b16 = outputs.get((impl, seconds, "fp32")), outputs.get((impl, seconds, "bf16"))
             if f32 and b16:
-                a, b = torch.load(f32), torch.load(b16)
+                a, b = torch.load(f32, weights_only=True), torch.load(b16, weights_only=True)
                 snr = 10 * torch.log10(a.pow(2).sum() / (a - b).pow(2).sum()).item()
                 parts.append(f"{impl} bf16 vs fp32 SNR {snr:.1f} dB")
         if parts:
