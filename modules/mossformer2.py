@@ -385,9 +385,6 @@ class FLASH_ShareA_FFConvM(nn.Module):  # noqa: N801 - the name of the paper's c
             out = torch.mm(lin_q[0], torch.mm(lin_k[0].t(), values[0]) / n).unsqueeze(0)
         else:
             out = lin_q @ (lin_k.transpose(1, 2) @ values / n)
-        if torch.compiler.is_exporting():  # no loop over a symbolic batch size in an exported graph
-            val = F.pad(values, (0, 0, 0, pad)).unflatten(1, (-1, g))
-            return out + (attn @ val).flatten(1, 2)[:, :n]
         full = n - n % g
         for i in range(b):
             if full:
