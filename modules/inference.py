@@ -118,9 +118,9 @@ class Separator(Pretrained):
     Hyperparams read: ``sample_rate``; optional ``chunk_seconds`` (default 10),
     ``overlap_seconds`` (default 2) and ``precision`` (``fp32``, the default, or ``bf16``: the
     model runs under ``torch.autocast`` in bfloat16, matrix products and convolutions in bf16,
-    outputs returned in float32; MossFormer2 is ~1.8x faster on a CPU with AVX512-BF16/AMX,
-    within ~40 dB SNR of fp32, ``bench/mossformer2.py``). ``precision`` can also be set on the
-    instance.
+    outputs returned in float32; MossFormer2 is 1.3-1.4x faster than in fp32 on a CPU with
+    AVX512-BF16/AMX, 39 dB SNR from the fp32 output, ``bench/mossformer2.py``). ``precision`` can
+    also be set on the instance.
     """
 
     HPARAMS_NEEDED = ["sample_rate"]
@@ -169,7 +169,7 @@ class Separator(Pretrained):
         with torch.autocast(mix.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             if mix.shape[-1] <= chunk:
                 return model(mix).float()
-            return chunked_separation(model, mix, chunk, overlap).float()
+            return chunked_separation(model, mix, chunk, overlap)  # float32 already
 
     def separate_file(self, path, output_dir=None, channel=None, resample_output=False):
         """Separate an audio file. Returns ``[1, time, n_src]`` at ``sample_rate`` (or at the

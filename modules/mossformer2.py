@@ -209,7 +209,7 @@ def _depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, chunk: i
 
 
 class _DepthwiseConv(torch.autograd.Function):
-    """:func:`_depthwise` with a fast backward pass: the input gradient is the forward
+    """:func:`_depthwise_image` with a fast backward pass: the input gradient is the forward
     convolution of ``grad`` with the flipped kernel, the weight gradient
     :func:`_depthwise_weight_grad`. (With oneDNN's own backward, one training step of the full
     model on 2 s of audio took 65 s, most of it in these weight gradients.)"""
