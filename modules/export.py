@@ -112,6 +112,36 @@ def extraction_model_card(name, data, summary, repo_id):
                   f"--model {source} --out extracted/`.", ""])
 
 
+def transcription_model_card(name, data, summary, repo_id):
+    """Model card of a timbre separation + transcription model (recipes/timbre)."""
+    source = repo_id or "<this folder>"
+    metrics = None
+    sets = [k for k in sorted(summary or {}) if isinstance(summary[k], dict)]
+    if sets:
+        cols = ("agnostic_onset_f1", "agnostic_offset_f1", "instrument_onset_f1",
+                "oracle_clusters_onset_f1", "random_clusters_onset_f1", "cluster_accuracy")
+        metrics = ["Note F1 by `mir_eval` on unseen chorales (onset only unless said), "
+                   f"after {summary.get('train_minutes', 0):.0f} minutes of training.", "",
+                   "| test set | examples | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+                   "|---" * (len(cols) + 2) + "|"]
+        metrics += [f"| {k} | {summary[k].get('n_examples')} | "
+                    + " | ".join(f"{summary[k][c]:.3f}" for c in cols) + " |" for k in sets]
+        metrics.append("")
+    return _card("music-transcription", name,
+                 [f"Timbre separation and transcription model (TimbreNet) trained with the `{name}` "
+                  "recipe: note and onset posteriors per pitch and frame, and an embedding per "
+                  "time-frequency unit that k-means groups into instruments.", "",
+                  f"Training data: {data}.", ""], metrics,
+                 ["from modules.inference import TimbreTranscriber",
+                  f'tr = TimbreTranscriber.from_hparams(source="{source}", savedir="pretrained/{name}")',
+                  'r = tr.transcribe_file("music.wav", n_instruments=None, output_dir="out/")  # notes, rolls, audio',
+                  "```", "", f"or `python -m modules.transcribe music.wav --model {source} --out out/`.", ""])
+
+
+CARDS = {"Separator": model_card, "TargetSpeakerExtractor": extraction_model_card,
+         "TimbreTranscriber": transcription_model_card}
+
+
 def export(output_folder: str, hub_folder: str, hparams: str | None = None,
            repo_id: str | None = None) -> str:
     """Write the hub folder; returns its path. See the module docstring."""
@@ -121,8 +151,6 @@ def export(output_folder: str, hub_folder: str, hparams: str | None = None,
     with open(saved) as f:
         text = f.read()
     name = _saved_value(text, "experiment_name") or "model"
-    data = _saved_value(text, "data_folder")
-    data = data or "synthetic speech-like corpus (not real speech)"
     if not hparams:  # hparams/<name>.yaml, or hparams/<task>/<name>.yaml (e.g. target_speaker)
         hparams = os.path.join(ROOT, "hparams", f"{name}.yaml")
         nested = sorted(glob.glob(os.path.join(ROOT, "hparams", "*", f"{name}.yaml")))
@@ -161,7 +189,12 @@ def export(output_folder: str, hub_folder: str, hparams: str | None = None,
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
-    card = extraction_model_card if interface.__name__ == "TargetSpeakerExtractor" else model_card
+    if interface.__name__ == "TimbreTranscriber":
+        data = ("Bach chorales of music21 rendered per instrument with the SoundFont "
+                f"{_saved_value(text, 'soundfont') or 'TimGM6mb (pretty_midi)'}")
+    else:
+        data = _saved_value(text, "data_folder") or "synthetic speech-like corpus (not real speech)"
+    card = CARDS.get(interface.__name__, model_card)
     with open(os.path.join(hub_folder, "README.md"), "w") as f:
         f.write(card(name, data, summary, repo_id))
     return hub_folder
@@ -318,7 +351,14 @@ def main(argv=None):
         folder = export(a.output_folder, a.hub_folder, a.hparams, a.push)
     print(f"wrote {os.path.abspath(folder)} (hyperparams.yaml, model.ckpt, README.md)")
     if a.deploy:
-        from .inference import Separator
+        from .inference import Separator, interface_class
+
+        interface = interface_class(os.path.join(folder, "hyperparams.yaml"))
+        if interface is not Separator:
+            print(f"error: --deploy (TorchScript + ONNX) covers separation models only, not "
+                  f"{interface.__name__} models; {folder} was written without deployment files "
+                  "and loads through the Pretrained interface", file=sys.stderr)
+            return 2
 
         sep = Separator.from_hparams(source=os.path.abspath(folder),
                                      savedir=os.path.join(folder, ".check"))

@@ -112,14 +112,23 @@ def test_model_shapes_and_gradients():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_recipe_debug_run(tmp_path):
-    out = tmp_path / "timbre"
+def run_recipe(out, *extra):
+    """Run the timbre recipe on a few short examples with a small model."""
     cmd = [sys.executable, os.path.join(ROOT, "recipes", "timbre", "train.py"),
-           os.path.join(ROOT, "recipes", "timbre", "hparams", "timbre.yaml"), "--debug",
-           f"--output_folder={out}", f"--cache_folder={tmp_path / 'cache'}", "--noprogressbar",
+           os.path.join(ROOT, "recipes", "timbre", "hparams", "timbre.yaml"),
+           f"--output_folder={out}", f"--cache_folder={out.parent / 'cache'}", "--noprogressbar",
            "--max_chorales=12", "--n_train=4", "--n_valid=1", "--n_test=1", "--max_seconds=1.5",
-           "--channels=16", "--blocks=2", "--n_examples=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+           "--channels=16", "--blocks=2", "--n_examples=1", *extra]
+    return out, subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def debug_run(tmp_path_factory):
+    return run_recipe(tmp_path_factory.mktemp("timbre_debug") / "timbre", "--debug")
+
+
+def test_recipe_debug_run(debug_run):
+    out, proc = debug_run
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = json.loads((out / "test_summary.json").read_text())
     assert set(summary) >= {"test2", "test3"}
@@ -127,6 +136,35 @@ def test_recipe_debug_run(tmp_path):
         assert 0 <= summary[name]["instrument_onset_f1"] <= 1
         assert (out / f"{name}_results.csv").exists()
         assert len(os.listdir(out / "examples" / name)) == 1
+
+
+def test_export_round_trip(example, tmp_path, capsys):
+    """modules.export turns the run into a hub folder (with the run's sizes) that
+    TimbreTranscriber loads and that computes what the run's best checkpoint computes."""
+    from modules.export import best_checkpoint, main as export_main
+    from modules.inference import TimbreTranscriber
+
+    out, proc = run_recipe(tmp_path / "timbre", "--number_of_epochs=1")  # --debug saves no checkpoint
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hub = tmp_path / "hub"
+    assert export_main([str(out), str(hub)]) == 0
+    text = (hub / "hyperparams.yaml").read_text()
+    assert "\nchannels: 16\n" in text and "\nblocks: 2\n" in text
+    card = (hub / "README.md").read_text()
+    assert "TimbreTranscriber" in card and "| test2 | 1 |" in card and "| test3 | 1 |" in card
+    tr = TimbreTranscriber.from_hparams(source=str(hub), savedir=str(tmp_path / "saved"))
+    ckpt = os.path.join(best_checkpoint(str(out), "instrument_onset_f1"), "model.ckpt")
+    model = TimbreNet(channels=16, blocks=2)
+    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    model.eval()
+    with torch.no_grad():
+        want, got = model(example.mix[None]), tr.mods.model(example.mix[None])
+    for key in ("note_logits", "onset_logits", "embeddings"):
+        assert torch.equal(want[key], got[key]), key
+    # TorchScript/ONNX deployment is for separation models: a clear refusal, the folder kept
+    assert export_main([str(out), str(tmp_path / "hub2"), "--deploy"]) == 2
+    assert "separation models only" in capsys.readouterr().err
+    assert (tmp_path / "hub2" / "model.ckpt").exists()
 
 
 @pytest.fixture(scope="module")
