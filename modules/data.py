@@ -819,6 +819,52 @@ class TSEData(SeparationData):
                 "test": FileExtractionDataset(rows["test"], self.sample_rate, **kw)}
 
 
+    def report(self, n_train_samples: int = 100) -> str:
+        """:meth:`SeparationData.report` plus the enrolments: per split, how they were chosen,
+        their lengths, the shortest gap between an enrolment cut from the target's own
+        utterance and the target crop (must be > 0: they never overlap), and for TSE lists the
+        rows whose enrolment is the target file itself."""
+        if self.kind != "tse_lists":
+            lines = [super().report(n_train_samples), "enrolments:"]
+            sets = self.datasets()
+            for s in SPLITS:
+                ds = sets[s]
+                specs = [ds.spec(i) for i in range(min(len(ds), n_train_samples) if s == "train"
+                                                   else len(ds))]
+                modes = {m: sum(sp.enroll_mode == m for sp in specs) for m in
+                         sorted({sp.enroll_mode for sp in specs})}
+                secs = np.array([sp.enroll_length / ds.utts[sp.enroll_utt].sample_rate for sp in specs])
+                gaps = [_enroll_gap(sp, ds.utts[sp.utts[0]], self.sample_rate) for sp in specs
+                        if sp.enroll_mode == "same-utterance"]
+                gap = f"; closest to its target crop: {min(gaps)} samples" if gaps else ""
+                lines.append(f"  {s:6} {len(specs):5d}: {modes}; {secs.mean():.2f} s mean "
+                             f"({secs.min():.2f}-{secs.max():.2f}){gap}")
+            return "\n".join(lines)
+        sets = self.datasets()
+        lines = [f"tse_lists: {self.tse_lists}; target rate {self.sample_rate} Hz",
+                 f"{'split':6} {'rows':>6} {'mix hours':>9} {'enrol mean s':>12}  sample rates  "
+                 "enrolment = target file"]
+        for s in SPLITS:
+            rows = sets[s].rows
+            mixes = [audio_info(r[1]) for r in rows]
+            enrols = [audio_info(r[3]) for r in rows]
+            same = sum(os.path.realpath(r[2]) == os.path.realpath(r[3]) for r in rows)
+            lines.append(f"{s:6} {len(rows):6d} {sum(f / sr for f, sr, _ in mixes) / 3600:9.3f} "
+                         f"{np.mean([f / sr for f, sr, _ in enrols]) if rows else 0:12.2f}  "
+                         f"{sorted({sr for _, sr, _ in mixes})}  {same}")
+        lines.append(f"missing entries: {len(self.missing)}")
+        lines += [f"  {m}" for m in self.missing[:20]]
+        return "\n".join(lines)
+
+
+def _enroll_gap(spec: ExtractionSpec, target: Utterance, sample_rate: int) -> int:
+    """Samples of the target's utterance between its enrolment crop and its mixture crop."""
+    used = math.ceil(spec.length * target.sample_rate * spec.speeds[0] / (100 * sample_rate))
+    t0, t1 = spec.starts[0], spec.starts[0] + used
+    e0, e1 = spec.enroll_start, spec.enroll_start + spec.enroll_length
+    return max(t0 - e1, e0 - t1)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Report on a separation corpus (see modules/data.py).")
     p.add_argument("data_folder", nargs="?", default=None,
@@ -830,10 +876,17 @@ def main(argv=None):
     p.add_argument("--n_valid", type=int, default=40)
     p.add_argument("--n_test", type=int, default=100)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--tse", action="store_true",
+                   help="target-speaker extraction data (modules.data.TSEData): adds the enrolments")
+    p.add_argument("--tse_lists", default=None,
+                   help="folder of Libri2Mix-style TSE lists (train/valid/test.csv); implies --tse")
     a = p.parse_args(argv)
-    data = SeparationData(a.data_folder, save_folder=a.save_folder, n_src=a.n_src,
-                          sample_rate=a.sample_rate, speaker_pattern=a.speaker_pattern,
-                          n_valid=a.n_valid, n_test=a.n_test, seed=a.seed)
+    kw = dict(save_folder=a.save_folder, n_src=a.n_src, sample_rate=a.sample_rate,
+              speaker_pattern=a.speaker_pattern, n_valid=a.n_valid, n_test=a.n_test, seed=a.seed)
+    if a.tse or a.tse_lists:
+        data = TSEData(a.data_folder, tse_lists=a.tse_lists, **kw)
+    else:
+        data = SeparationData(a.data_folder, **kw)
     print(data.report())
 
 

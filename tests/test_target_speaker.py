@@ -130,6 +130,28 @@ def test_tse_lists_are_read(tmp_path):
     assert item["id"] == "ex1" and item["mix"].shape == (4800,) and item["enroll"].shape == (2400,)
     assert torch.allclose(item["interferer"], item["mix"] - item["target"])
     assert sets["train"][0]["mix"].shape == (2000,)
+    # the report counts rows, flags an enrolment that is the target file, names missing entries
+    with open(tmp_path / "test.csv", "a", newline="") as f:
+        f.write("ex2,mix0.wav,s10.wav,s10.wav\nex3,gone.wav,s10.wav,enroll0.wav\n")
+    report = TSEData(tse_lists=str(tmp_path), save_folder=str(tmp_path / "save"),
+                     sample_rate=8000).report()
+    test_line = next(line for line in report.splitlines() if line.startswith("test "))
+    assert test_line.split()[1] == "3" and test_line.split()[-1] == "1"
+    assert "missing entries: 1" in report and "gone.wav" in report
+
+
+def test_report_on_generated_tse_data(tmp_path):
+    """Speakers with one utterance each: every enrolment is cut from the target's own
+    utterance, and the report shows that none comes closer to its target crop than the gap."""
+    folder = write_tone_corpus(str(tmp_path / "one_each"), n_speakers=9, utts=1, seconds=3.0)
+    report = TSEData(folder, save_folder=str(tmp_path / "save"), sample_rate=8000, n_valid=4,
+                     n_test=4, segment_seconds=1.0, enroll_seconds=1.0,
+                     min_enroll_seconds=0.5).report(n_train_samples=20)
+    lines = report.split("enrolments:")[1].strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["train", "valid", "test"]
+    for line, n in zip(lines, (20, 4, 4)):
+        assert f"{{'same-utterance': {n}}}" in line
+        assert int(re.search(r"closest to its target crop: (\d+) samples", line).group(1)) >= _ENROLL_GAP
 
 
 # ----------------------------------------------------------------------------- recipe
