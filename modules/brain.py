@@ -10,7 +10,10 @@ task-specific:
 * the validation stage halves the learning rate on plateau (``lr_scheduler`` in the yaml), logs
   to ``train_logger`` and keeps the best checkpoints by the yaml's ``valid_metric`` /
   ``valid_metric_mode`` (e.g. ``si-snr``, ``max``);
-* the test stage hands its statistics to :meth:`on_test_end`;
+* the test stage keeps one row per example in ``self.test_rows`` (the subclass appends them);
+  :meth:`on_test_end` turns them into ``self.summary`` (mean and std of every column named in
+  ``test_metrics``) and ``<test_name>_results.csv``, and :meth:`fit_and_test` trains, tests every
+  ``test*`` set and writes ``test_summary.json`` with the training time, epochs and sizes;
 * ``use_tensorboard: True`` writes TensorBoard scalars to ``tensorboard_folder`` (default
   ``<output_folder>/tensorboard``): the training loss every ``tensorboard_interval`` updates, and
   every epoch's train/valid statistics and learning rate;
@@ -139,6 +142,13 @@ class BudgetedEpochCounter(EpochCounter):
 class BaseBrain(sb.Brain):
     """Brain base for every recipe (see the module docstring)."""
 
+    #: columns of ``test_rows`` that are metrics (averaged into the summary), and the ones before them
+    test_metrics: tuple = ()
+    test_keys: tuple = ("snt_id",)
+    #: the summary's name for the number of test examples
+    count_name = "n_mixtures"
+    test_name = "test"
+
     def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
         # Items are dicts of tensors of different lengths: pad them into a PaddedBatch.
         loader_kwargs.setdefault("collate_fn", PaddedBatch)
@@ -181,6 +191,7 @@ class BaseBrain(sb.Brain):
     def on_stage_start(self, stage, epoch=None):
         self.stage_metrics = {}
         self.stage_count = 0
+        self.test_rows = []
         if stage == sb.Stage.TRAIN and hasattr(getattr(self, "_train_dataset", None), "set_epoch"):
             self._train_dataset.set_epoch(epoch)
 
@@ -233,7 +244,55 @@ class BaseBrain(sb.Brain):
             self.on_test_end(stats)
 
     def on_test_end(self, stats: dict):
-        """Hook for recipes: write result files after the test stage."""
+        """Summarise ``test_rows`` into ``self.summary`` and write ``<test_name>_results.csv``."""
+        import csv
+
+        rows, n = self.test_rows, len(self.test_rows)
+        summary = {self.count_name: n}
+        if hasattr(self.hparams, "data_folder"):
+            summary["data_folder"] = self.hparams.data_folder
+        for k in self.test_metrics:
+            vals = torch.tensor([r[k] for r in rows], dtype=torch.float64)
+            summary[k] = float(vals.mean()) if n else float("nan")
+            summary[k + "_std"] = float(vals.std()) if n > 1 else 0.0
+        self.summary = self.finish_summary(summary)
+        if sb.utils.distributed.if_main_process():
+            path = os.path.join(self.hparams.output_folder, f"{self.test_name}_results.csv")
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=[*self.test_keys, *self.test_metrics])
+                w.writeheader()
+                w.writerows(rows)
+
+    def finish_summary(self, summary: dict) -> dict:
+        """Hook: adjust the test summary (e.g. rename a metric, add facts about the test set)."""
+        return summary
+
+    def fit_and_test(self, hparams: dict, sets: dict) -> dict:
+        """Train on ``sets["train"]`` (validating on ``sets["valid"]``), then test the best
+        checkpoint on every ``test*`` set. Returns the summary, also written to
+        ``test_summary.json``: the test metrics (one dict per test set when there are several),
+        ``params_M``, ``trained_params_M``, ``train_minutes``, ``epochs`` and ``best_epoch``."""
+        counter, model = hparams["epoch_counter"], hparams["model"]
+        self.fit(counter, sets["train"], sets["valid"], train_loader_kwargs=hparams["dataloader_opts"],
+                 valid_loader_kwargs=hparams["eval_dataloader_opts"])
+        # read before testing reloads the best checkpoint (and with it that epoch's counter)
+        results = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+                   "trained_params_M": sum(p.numel() for p in model.parameters()
+                                           if p.requires_grad) / 1e6,
+                   "train_minutes": counter.elapsed / 60, "epochs": counter.current}
+        key = {f"{hparams['valid_metric_mode']}_key": hparams["valid_metric"]}
+        names = sorted(k for k in sets if k.startswith("test"))
+        for name in names:
+            self.test_name = name
+            self.evaluate(sets[name], test_loader_kwargs=hparams["eval_dataloader_opts"], **key)
+            results[name] = self.summary
+        results["best_epoch"] = counter.current
+        if names == ["test"]:
+            results = {**results.pop("test"), **results}
+        if sb.utils.distributed.if_main_process():
+            with open(os.path.join(hparams["output_folder"], "test_summary.json"), "w") as f:
+                json.dump(results, f, indent=2)
+        return results
 
 
 def setup_recipe(brain_class, argv=None):

@@ -18,14 +18,11 @@ separations (WAV + spectrogram PNG) under ``<output_folder>/examples``.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 import sys
 
 import speechbrain as sb
-import torch
 from speechbrain.utils.distributed import if_main_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 class SeparationBrain(BaseBrain):
     """SI-SNR + PIT training of any ``[batch, time] -> [batch, time, n_src]`` model."""
+
+    test_metrics = tuple(METRIC_NAMES)
 
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
@@ -62,10 +61,6 @@ class SeparationBrain(BaseBrain):
         if stage != sb.Stage.TRAIN:
             self._score(batch, est.detach(), ref, stage)
         return loss.mean()
-
-    def on_stage_start(self, stage, epoch=None):
-        super().on_stage_start(stage, epoch)
-        self.test_rows = []
 
     def _score(self, batch, est, ref, stage):
         mix = batch.mix.data.float()
@@ -93,38 +88,11 @@ class SeparationBrain(BaseBrain):
         plot_separation(os.path.join(folder, "spectrogram.png"), mix.cpu(), est.cpu(), ref.cpu(), sr,
                         title=f"{uid}: SI-SNRi {metrics['si-snr_i']:.1f} dB")
 
-    def on_test_end(self, stats):
-        out = self.hparams.output_folder
-        n = len(self.test_rows)
-        summary = {"n_mixtures": n, "data_folder": self.hparams.data_folder}
-        for k in METRIC_NAMES:
-            vals = torch.tensor([r[k] for r in self.test_rows], dtype=torch.float64)
-            summary[k] = float(vals.mean()) if n else float("nan")
-            summary[k + "_std"] = float(vals.std()) if n > 1 else 0.0
-        self.summary = summary
-        if not if_main_process():
-            return
-        with open(os.path.join(out, "test_results.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["snt_id", *METRIC_NAMES])
-            w.writeheader()
-            w.writerows(self.test_rows)
-        with open(os.path.join(out, "test_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-
 
 def run(argv=None):
     """Train (unless ``--test_only``) and test; returns the test summary dict."""
     brain, hparams, sets = setup_recipe(SeparationBrain, argv)
-    n_params = sum(p.numel() for p in hparams["model"].parameters())
-    brain.fit(hparams["epoch_counter"], sets["train"], sets["valid"],
-              train_loader_kwargs=hparams["dataloader_opts"],
-              valid_loader_kwargs=hparams["eval_dataloader_opts"])
-    key = {f"{hparams['valid_metric_mode']}_key": hparams["valid_metric"]}
-    brain.evaluate(sets["test"], test_loader_kwargs=hparams["eval_dataloader_opts"], **key)
-    summary = brain.summary
-    summary["params_M"] = n_params / 1e6
-    summary["train_minutes"] = hparams["epoch_counter"].elapsed / 60
-    summary["epochs"] = hparams["epoch_counter"].current
+    summary = brain.fit_and_test(hparams, sets)
     if if_main_process():
         print_summary(hparams, summary)
     return summary

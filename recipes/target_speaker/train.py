@@ -20,8 +20,6 @@ the target), ``test_summary.json`` (mean SI-SDRi, target confusion rate) and a f
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 import sys
@@ -50,6 +48,9 @@ def real_lengths(padded) -> torch.Tensor:
 class ExtractionBrain(BaseBrain):
     """SI-SDR training of ``model(mix, enroll, mix_lens, enroll_lens) -> [batch, time]``."""
 
+    test_metrics = tuple(EXTRACTION_METRICS)
+    test_keys = ("snt_id", "enroll_mode")
+
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
         self._batch_ids = batch.id
@@ -64,10 +65,6 @@ class ExtractionBrain(BaseBrain):
         if stage != sb.Stage.TRAIN:
             self._score(batch, est.detach(), lengths, stage)
         return loss.mean()
-
-    def on_stage_start(self, stage, epoch=None):
-        super().on_stage_start(stage, epoch)
-        self.test_rows = []
 
     def _score(self, batch, est, lengths, stage):
         mix, target, other = (x.data.float() for x in (batch.mix, batch.target, batch.interferer))
@@ -89,48 +86,20 @@ class ExtractionBrain(BaseBrain):
         write_audio(os.path.join(folder, "estimate.wav"), match_level(est[:, None], mix)[:, 0], sr)
         write_audio(os.path.join(folder, "target.wav"), target, sr)
 
-    def on_test_end(self, stats):
-        n = len(self.test_rows)
-        summary = {"n_mixtures": n, "data_folder": self.hparams.data_folder}
-        for k in EXTRACTION_METRICS:
-            vals = torch.tensor([r[k] for r in self.test_rows], dtype=torch.float64)
-            summary[k] = float(vals.mean()) if n else float("nan")
-            summary[k + "_std"] = float(vals.std()) if n > 1 else 0.0
+    def finish_summary(self, summary):
         summary["target_confusion_rate"] = summary.pop("confused")
         summary.pop("confused_std")
         summary["enroll_modes"] = sorted({r["enroll_mode"] for r in self.test_rows})
-        self.summary = summary
-        if not if_main_process():
-            return
-        out = self.hparams.output_folder
-        with open(os.path.join(out, "test_results.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["snt_id", "enroll_mode", *EXTRACTION_METRICS])
-            w.writeheader()
-            w.writerows(self.test_rows)
-        with open(os.path.join(out, "test_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        return summary
 
 
 def run(argv=None):
     """Train and test; returns the test summary dict."""
     brain, hparams, sets = setup_recipe(ExtractionBrain, argv)
-    model = hparams["model"]
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_train = sum(p.numel() for p in hparams["model"].parameters() if p.requires_grad)
     logger.info("%.3f M of the parameters are trained (the others: a frozen WavLM)", n_train / 1e6)
-    counter = hparams["epoch_counter"]
-    brain.fit(counter, sets["train"], sets["valid"], train_loader_kwargs=hparams["dataloader_opts"],
-              valid_loader_kwargs=hparams["eval_dataloader_opts"])
-    # read before the test stage reloads the best checkpoint (and with it an earlier counter)
-    trained = dict(train_minutes=counter.elapsed / 60, epochs=counter.current)
-    key = {f"{hparams['valid_metric_mode']}_key": hparams["valid_metric"]}
-    brain.evaluate(sets["test"], test_loader_kwargs=hparams["eval_dataloader_opts"], **key)
-    summary = brain.summary
-    summary.update(params_M=n_params / 1e6, trained_params_M=n_train / 1e6, best_epoch=counter.current,
-                   **trained)
+    summary = brain.fit_and_test(hparams, sets)
     if if_main_process():
-        with open(os.path.join(hparams["output_folder"], "test_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
         print_summary(hparams, summary)
     return summary
 

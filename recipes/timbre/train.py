@@ -16,8 +16,6 @@ mir_eval and writes ``test<n>_results.csv``, ``test_summary.json`` and pictures 
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 import sys
@@ -40,6 +38,10 @@ METRICS = ["agnostic_onset_f1", "agnostic_offset_f1", "instrument_onset_f1",
 
 
 class TimbreBrain(BaseBrain):
+    test_metrics = tuple(METRICS)
+    test_keys = ("id", "instruments")
+    count_name = "n_examples"
+
     @property
     def net(self):
         return getattr(self.modules.model, "module", self.modules.model)
@@ -72,10 +74,6 @@ class TimbreBrain(BaseBrain):
             self._score(out, targets, batch, stage)
         return total
 
-    def on_stage_start(self, stage, epoch=None):
-        super().on_stage_start(stage, epoch)
-        self.rows = []
-
     def _score(self, out, targets, batch, stage):
         fe = self.net.front_end
         for i, (ex, tg) in enumerate(zip(batch.examples, targets)):
@@ -86,46 +84,19 @@ class TimbreBrain(BaseBrain):
             m = {k: v for k, v in res.items() if k in METRICS}
             self.accumulate(m)
             if stage == sb.Stage.TEST:
-                self.rows.append({"id": ex.id, "instruments": "+".join(ex.instruments), **m})
-                if len(self.rows) <= self.hparams.n_examples and if_main_process():
+                self.test_rows.append({"id": ex.id, "instruments": "+".join(ex.instruments), **m})
+                if len(self.test_rows) <= self.hparams.n_examples and if_main_process():
                     folder = os.path.join(self.hparams.output_folder, "examples", self.test_name)
                     os.makedirs(folder, exist_ok=True)
                     plot_example(os.path.join(folder, f"{ex.id}.png"), item["units"], tg_cpu["rolls"],
                                  res["_labels"], res["_roll"], res["_match"], ex.instruments, fe,
                                  title=f"{ex.id}: per-instrument onset F1 {m['instrument_onset_f1']:.2f}")
 
-    def on_test_end(self, stats):
-        n = len(self.rows)
-        summary = {"n_examples": n}
-        for k in METRICS:
-            vals = torch.tensor([r[k] for r in self.rows], dtype=torch.float64)
-            summary[k] = float(vals.mean()) if n else float("nan")
-        self.summary = summary
-        if not if_main_process():
-            return
-        with open(os.path.join(self.hparams.output_folder, f"{self.test_name}_results.csv"), "w",
-                  newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["id", "instruments", *METRICS])
-            w.writeheader()
-            w.writerows(self.rows)
-
 
 def run(argv=None):
     brain, hparams, sets = setup_recipe(TimbreBrain, argv)
-    n_params = sum(p.numel() for p in hparams["model"].parameters())
-    brain.fit(hparams["epoch_counter"], sets["train"], sets["valid"],
-              train_loader_kwargs=hparams["dataloader_opts"],
-              valid_loader_kwargs=hparams["eval_dataloader_opts"])
-    results = {"params_M": n_params / 1e6, "train_minutes": hparams["epoch_counter"].elapsed / 60,
-               "epochs": hparams["epoch_counter"].current}
-    key = {f"{hparams['valid_metric_mode']}_key": hparams["valid_metric"]}
-    for name in sorted(k for k in sets if k.startswith("test")):
-        brain.test_name = name
-        brain.evaluate(sets[name], test_loader_kwargs=hparams["eval_dataloader_opts"], **key)
-        results[name] = brain.summary
+    results = brain.fit_and_test(hparams, sets)
     if if_main_process():
-        with open(os.path.join(hparams["output_folder"], "test_summary.json"), "w") as f:
-            json.dump(results, f, indent=2)
         print(f"\nTimbreNet, {results['train_minutes']:.1f} min of training "
               f"({results['epochs']} epochs); results in {os.path.abspath(hparams['output_folder'])}")
         print(f"{'test set':10s} " + " ".join(f"{m:>24s}" for m in METRICS))
