@@ -9,9 +9,9 @@ piece, picks a tempo, and renders every part separately with a SoundFont synthes
 instruments). Each example gives the mixture, each instrument's stem and its notes
 ``(pitch, onset s, offset s)``. Chorales are split (disjoint) between train / valid / test.
 
-A user folder of real recordings is also accepted: one folder per piece holding, for every
-instrument, ``<name>.wav`` (the stem) and ``<name>.mid`` (its notes), e.g. URMP or Bach10
-renamed that way (:func:`scan_stem_folder`).
+A user folder of real recordings is also accepted (``stem_folder``): one folder per piece in the
+URMP or Bach10 layout, or holding ``<name>.wav`` (the stem) and ``<name>.mid`` (its notes) per
+instrument (:func:`scan_stem_folder`, :class:`StemFolderDataset`).
 
 ``tinysoundfont`` declares ``pyaudio``, which needs PortAudio headers to build; offline rendering
 does not use it, so it is installed with ``--no-deps`` (see ``requirements-music.txt``).
@@ -23,6 +23,7 @@ import glob
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -270,26 +271,183 @@ def midi_notes(path: str) -> list:
                    for n in inst.notes if not inst.is_drum), key=lambda n: (n.onset, n.pitch))
 
 
+@dataclass
+class Stem:
+    """One instrument of a recorded piece: its audio, the file of its notes and its name.
+    ``notes`` is a MIDI file (all its notes), or a text file in a dataset's own format
+    (``kind``: ``midi``, ``urmp``, ``bach10``); ``channel`` picks this instrument's notes in a
+    file that holds several (Bach10)."""
+
+    audio: str
+    notes: str
+    instrument: str
+    kind: str = "midi"
+    channel: int | None = None
+
+
+# URMP (Li et al., IEEE Trans. Multimedia 2018): one folder per piece, ``AuSep_<k>_<abbr>_<piece>.wav``
+# and ``Notes_<k>_<abbr>_<piece>.txt`` per track; the notes files hold one note per line: onset (s),
+# pitch (Hz), duration (s), as read e.g. by public URMP fixture scripts.
+URMP_INSTRUMENTS = {"vn": "violin", "va": "viola", "vc": "cello", "db": "double bass", "fl": "flute",
+                    "ob": "oboe", "cl": "clarinet", "sax": "saxophone", "bn": "bassoon",
+                    "tpt": "trumpet", "hn": "horn", "tbn": "trombone", "tba": "tuba"}
+# Bach10 (Duan & Pardo 2011): one folder per piece, ``<piece>-<instrument>.wav`` per instrument
+# and ``<piece>.txt``, the audio-aligned score: onset (ms), offset (ms), MIDI pitch, channel, the
+# channel numbering the instruments in this order.
+BACH10_INSTRUMENTS = ("violin", "clarinet", "saxphone", "bassoon")  # "saxphone": the files' spelling
+
+
+def _rows(path: str, columns: int) -> np.ndarray:
+    """The first ``columns`` numbers of each line of a whitespace-separated annotation file."""
+    try:
+        rows = np.loadtxt(path, ndmin=2)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read its notes ({err})") from err
+    if rows.size == 0:
+        return np.zeros((0, columns))
+    if rows.shape[1] < columns:
+        raise ValueError(f"{path}: expected {columns} columns per note, found {rows.shape[1]}")
+    return rows[:, :columns]
+
+
+def read_stem_notes(stem: Stem) -> list:
+    """The notes of ``stem`` in seconds, sorted by onset."""
+    if stem.kind == "midi":
+        return midi_notes(stem.notes)
+    if stem.kind == "urmp":
+        notes = [Note(int(round(69 + 12 * np.log2(hz / 440.0))), float(on), float(on + dur))
+                 for on, hz, dur in _rows(stem.notes, 3) if hz > 0 and dur > 0]
+    elif stem.kind == "bach10":
+        notes = [Note(int(pitch), on / 1000.0, off / 1000.0)
+                 for on, off, pitch, ch in _rows(stem.notes, 4)
+                 if int(ch) == stem.channel and off > on]
+    else:
+        raise ValueError(f"{stem.notes}: unknown note file kind {stem.kind!r}")
+    return sorted(notes, key=lambda n: (n.onset, n.pitch))
+
+
+def _urmp_stems(piece: str) -> list:
+    stems = []
+    for audio in sorted(glob.glob(os.path.join(piece, "AuSep_*.wav"))):
+        m = re.match(r"AuSep_(\d+)_([a-z]+)_(.+)\.wav$", os.path.basename(audio))
+        if not m:
+            continue
+        notes = os.path.join(piece, f"Notes_{m.group(1)}_{m.group(2)}_{m.group(3)}.txt")
+        if not os.path.exists(notes):
+            logger.warning("%s has no %s beside it: skipped", audio, os.path.basename(notes))
+            continue
+        name = URMP_INSTRUMENTS.get(m.group(2), m.group(2))
+        stems.append(Stem(audio, notes, f"{name} {m.group(1)}", kind="urmp"))
+    return stems
+
+
+def _bach10_stems(piece: str) -> list:
+    name = os.path.basename(piece)
+    score = os.path.join(piece, f"{name}.txt")
+    stems = []
+    for channel, inst in enumerate(BACH10_INSTRUMENTS, 1):
+        audio = os.path.join(piece, f"{name}-{inst}.wav")
+        if os.path.exists(audio):
+            stems.append(Stem(audio, score, "saxophone" if inst == "saxphone" else inst,
+                              kind="bach10", channel=channel))
+    return stems if os.path.exists(score) else []
+
+
+def _plain_stems(piece: str) -> list:
+    stems = []
+    for audio in sorted(glob.glob(os.path.join(piece, "*.wav")) + glob.glob(os.path.join(piece, "*.flac"))):
+        base = audio.rsplit(".", 1)[0]
+        midi = next((base + e for e in (".mid", ".midi") if os.path.exists(base + e)), None)
+        if midi is None:
+            logger.warning("%s has no %s.mid beside it: skipped", audio, os.path.basename(base))
+            continue
+        stems.append(Stem(audio, midi, os.path.basename(base)))
+    return stems
+
+
 def scan_stem_folder(folder: str) -> dict:
-    """``{piece: [(stem audio path, midi path), ...]}`` for a folder of pieces, each holding
-    ``<name>.wav`` (or .flac) and ``<name>.mid`` per instrument. Stems without MIDI are
-    reported and skipped."""
+    """``{piece: [Stem, ...]}`` for a folder of pieces (one sub-folder each, two or more
+    instruments). A piece folder is read in the first layout it matches:
+
+    * URMP: ``AuSep_<k>_<abbr>_<piece>.wav`` + ``Notes_<k>_<abbr>_<piece>.txt`` per track;
+    * Bach10: ``<piece>-violin.wav``, ``-clarinet.wav``, ``-saxphone.wav``, ``-bassoon.wav`` +
+      the aligned score ``<piece>.txt``;
+    * plain: ``<name>.wav`` (or .flac) + ``<name>.mid`` per instrument.
+
+    Stems without notes are reported and skipped; mixture files (URMP ``AuMix_*``, Bach10
+    ``<piece>.wav``) are not stems and are ignored."""
     pieces = {}
     for piece in sorted(d for d in glob.glob(os.path.join(folder, "*")) if os.path.isdir(d)):
-        pairs = []
-        for audio in sorted(glob.glob(os.path.join(piece, "*.wav")) + glob.glob(os.path.join(piece, "*.flac"))):
-            stem = audio.rsplit(".", 1)[0]
-            midi = next((stem + e for e in (".mid", ".midi") if os.path.exists(stem + e)), None)
-            if midi is None:
-                logger.warning("%s has no %s.mid beside it: skipped", audio, os.path.basename(stem))
-                continue
-            pairs.append((audio, midi))
-        if len(pairs) >= 2:
-            pieces[os.path.basename(piece)] = pairs
+        name = os.path.basename(piece)
+        if glob.glob(os.path.join(piece, "AuSep_*.wav")):
+            stems = _urmp_stems(piece)
+        elif glob.glob(os.path.join(piece, f"{glob.escape(name)}-*.wav")):
+            stems = _bach10_stems(piece)
+        else:
+            stems = _plain_stems(piece)
+        if len(stems) >= 2:
+            pieces[os.path.basename(piece)] = stems
     if not pieces:
-        raise FileNotFoundError(f"no piece folder under {folder} holds two or more "
-                                "<name>.wav + <name>.mid pairs")
+        raise FileNotFoundError(f"no piece folder under {folder} holds two or more instruments "
+                                "with notes (URMP, Bach10, or <name>.wav + <name>.mid per instrument)")
     return pieces
+
+
+class StemFolderDataset(Dataset):
+    """Examples cut from recorded pieces (:func:`scan_stem_folder`): ``n_instruments`` stems of
+    one piece, an excerpt of at most ``max_seconds``, the stems resampled to ``sample_rate`` and
+    kept at their recorded levels, the notes of each stem inside the excerpt. Fixed (``seed``,
+    for valid/test) or drawn anew every epoch (training), like :class:`ChoraleDataset`."""
+
+    def __init__(self, pieces: dict, n_items: int, n_instruments=2, sample_rate=16000, seed=0,
+                 fixed=True, max_seconds=6.0):
+        self.pieces = {k: v for k, v in pieces.items() if len(v) >= n_instruments}
+        if not self.pieces:
+            raise ValueError(f"no piece of this split has {n_instruments} instruments "
+                             f"(pieces: {sorted(pieces)})")
+        self.names = sorted(self.pieces)
+        self.n_items, self.n_instruments, self.sample_rate = n_items, n_instruments, sample_rate
+        self.seed, self.fixed, self.max_seconds, self.epoch = seed, fixed, max_seconds, 0
+        self._notes = {}
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n_items
+
+    def notes(self, stem: Stem) -> list:
+        key = (stem.notes, stem.channel)
+        if key not in self._notes:
+            self._notes[key] = read_stem_notes(stem)
+        return self._notes[key]
+
+    def example(self, i: int) -> MusicExample:
+        from .audio import audio_info, read_audio, resample
+
+        key = (self.seed, i) if self.fixed else (self.seed, self.epoch, i)
+        rng = np.random.default_rng(key)
+        name = self.names[int(rng.integers(len(self.names)))]
+        stems = [self.pieces[name][k] for k in
+                 sorted(rng.choice(len(self.pieces[name]), self.n_instruments, replace=False).tolist())]
+        infos = [audio_info(s.audio) for s in stems]
+        seconds = min(frames / sr for frames, sr, _ in infos)
+        start = float(rng.uniform(0, max(0.0, seconds - self.max_seconds)))
+        span = min(self.max_seconds, seconds - start)
+        length = int(span * self.sample_rate)
+        audio, notes = [], []
+        for stem, (_, sr, _) in zip(stems, infos):
+            x, _ = read_audio(stem.audio, start=int(start * sr), stop=int((start + span) * sr))
+            x = resample(x, sr, self.sample_rate)[:length]
+            audio.append(torch.nn.functional.pad(x, (0, length - x.shape[0])))
+            notes.append([Note(n.pitch, max(n.onset - start, 0.0), min(n.offset, start + span) - start)
+                          for n in self.notes(stem) if n.offset > start and n.onset < start + span])
+        audio = torch.stack(audio, 1)
+        return MusicExample(f"{name}_{'-'.join(map(str, key))}", audio.sum(1), audio, notes,
+                            [s.instrument for s in stems], self.sample_rate)
+
+    def __getitem__(self, i):
+        return self.example(i)
 
 
 class ChoraleData:
@@ -300,8 +458,9 @@ class ChoraleData:
     def __init__(self, cache_folder="results/data_cache", sample_rate=16000, n_train=400, n_valid=20,
                  n_test=50, train_instruments=2, test_instruments=(2, 3), max_seconds=6.0,
                  seed=0, soundfont=None, max_chorales=None, valid_fraction=0.1, test_fraction=0.15,
-                 instruments=None):
+                 instruments=None, stem_folder=None):
         self.cache_folder, self.sample_rate, self.seed = cache_folder, sample_rate, seed
+        self.stem_folder = stem_folder
         self.n_train, self.n_valid, self.n_test = n_train, n_valid, n_test
         self.train_instruments, self.test_instruments = train_instruments, tuple(test_instruments)
         self.soundfont, self.max_chorales = soundfont, max_chorales
@@ -314,6 +473,8 @@ class ChoraleData:
             self.example_kw["instruments"] = list(instruments)
 
     def datasets(self) -> dict:
+        if self.stem_folder:
+            return self._recorded()
         chorales = load_chorales(self.cache_folder, self.max_chorales)
         split = split_pieces(list(chorales), *self.fractions, seed=self.seed)
         part = {s: {k: chorales[k] for k in names} for s, names in split.items()}
@@ -325,6 +486,25 @@ class ChoraleData:
                                         seed=self.seed + 1, **kw)}
         for n in self.test_instruments:
             sets[f"test{n}"] = ChoraleDataset(part["test"], self.n_test, n, seed=self.seed + 10 + n, **kw)
+        return sets
+
+    def _recorded(self) -> dict:
+        """The same sets cut from the recorded pieces of ``stem_folder`` (split by piece)."""
+        pieces = scan_stem_folder(self.stem_folder)
+        split = split_pieces(list(pieces), *self.fractions, seed=self.seed)
+        part = {s: {k: pieces[k] for k in names} for s, names in split.items()}
+        logger.info("recorded pieces of %s: %s", self.stem_folder, {s: sorted(v) for s, v in part.items()})
+        kw = dict(sample_rate=self.sample_rate, max_seconds=self.example_kw["max_seconds"])
+        sets = {"train": StemFolderDataset(part["train"], self.n_train, self.train_instruments,
+                                           seed=self.seed, fixed=False, **kw),
+                "valid": StemFolderDataset(part["valid"], self.n_valid, self.train_instruments,
+                                           seed=self.seed + 1, **kw)}
+        for n in self.test_instruments:
+            if any(len(v) >= n for v in part["test"].values()):
+                sets[f"test{n}"] = StemFolderDataset(part["test"], self.n_test, n,
+                                                     seed=self.seed + 10 + n, **kw)
+            else:
+                logger.warning("no test piece has %d instruments: no test%d set", n, n)
         return sets
 
 

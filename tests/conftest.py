@@ -72,3 +72,27 @@ def cache(tmp_path_factory):
     """One data-cache folder for the whole test session (named so as to shadow pytest's own
     ``cache`` fixture in every test file, not only where it is defined)."""
     return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def write_recorded_pieces(root, n_pieces=4, n_instruments=3, sample_rate=22050, seconds=3):
+    """Pieces in the plain 'recorded' layout (<name>.wav + <name>.mid per instrument), rendered
+    from a chorale so that notes and audio agree; at ``sample_rate`` to exercise resampling."""
+    import pretty_midi
+
+    from modules.music import Renderer, chorale_parts, make_example
+
+    parts, renderer = chorale_parts("bach/bwv66.6"), Renderer(sample_rate)
+    for k in range(n_pieces):
+        ex = make_example(f"p{k}", parts, np.random.default_rng(k), n_instruments, sample_rate,
+                          renderer, max_seconds=seconds)
+        piece = os.path.join(str(root), f"piece{k}")
+        os.makedirs(piece, exist_ok=True)
+        for j, name in enumerate(ex.instruments):
+            sf.write(os.path.join(piece, f"{name}.wav"), ex.stems[:, j].numpy(), sample_rate)
+            pm = pretty_midi.PrettyMIDI()
+            inst = pretty_midi.Instrument(program=40)
+            inst.notes += [pretty_midi.Note(velocity=90, pitch=n.pitch, start=n.onset, end=n.offset)
+                           for n in ex.notes[j]]
+            pm.instruments.append(inst)
+            pm.write(os.path.join(piece, f"{name}.mid"))
+    return root

@@ -5,6 +5,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from conftest import write_recorded_pieces
 from modules.music import (ChoraleDataset, Note, Renderer, chorale_parts, make_example, midi_notes,
                            scan_stem_folder, split_pieces)
 
@@ -91,3 +92,78 @@ def test_user_folder_of_stems_and_midi(tmp_path):
     assert notes[0].onset == pytest.approx(0.5, abs=1e-3) and notes[0].offset == pytest.approx(1.25, abs=1e-3)
     with pytest.raises(FileNotFoundError, match="two or more"):
         scan_stem_folder(str(piece))
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    return write_recorded_pieces(tmp_path_factory.mktemp("recorded"))
+
+
+def test_recorded_pieces_give_excerpts_with_their_notes(recorded):
+    from modules.music import StemFolderDataset
+
+    pieces = scan_stem_folder(str(recorded))
+    ds = StemFolderDataset(pieces, 6, n_instruments=2, sample_rate=16000, seed=3, max_seconds=1.5)
+    for i in range(6):
+        ex = ds[i]
+        assert ex.stems.shape == (24000, 2) and torch.allclose(ex.mix, ex.stems.sum(1))
+        assert all(0 <= n.onset < n.offset <= 1.5 + 1e-6 for notes in ex.notes for n in notes)
+        # a stem sounds where its notes say: energy inside notes >> energy outside (rendered audio)
+        for j, notes in enumerate(ex.notes):
+            inside = torch.zeros(24000, dtype=torch.bool)
+            for n in notes:
+                inside[int(n.onset * 16000):int(n.offset * 16000)] = True
+            x = ex.stems[:, j]
+            if inside.all() or not inside.any():
+                continue
+            assert x[inside].pow(2).mean() > 4 * x[~inside].pow(2).mean()
+    assert torch.equal(ds[2].mix, ds[2].mix)  # fixed examples are reproducible
+    with pytest.raises(ValueError, match="4 instruments"):
+        StemFolderDataset(pieces, 1, n_instruments=4)
+
+
+def test_recipe_data_from_a_recorded_folder(recorded, tmp_path):
+    from modules.music import ChoraleData, StemFolderDataset
+
+    sets = ChoraleData(cache_folder=str(tmp_path), n_train=2, n_valid=1, n_test=2, max_seconds=1.0,
+                       stem_folder=str(recorded), valid_fraction=0.25, test_fraction=0.25).datasets()
+    assert set(sets) == {"train", "valid", "test2", "test3"}
+    assert all(isinstance(d, StemFolderDataset) for d in sets.values())
+    names = {s: set(d.names) for s, d in sets.items()}
+    assert not names["train"] & names["test2"] and not names["train"] & names["valid"]
+    assert sets["test3"][0].stems.shape == (16000, 3)
+
+
+def test_urmp_and_bach10_layouts(tmp_path):
+    """The two datasets' own layouts and note files: URMP notes in (onset s, Hz, duration s),
+    Bach10's aligned score in (onset ms, offset ms, MIDI pitch, channel); mixtures ignored."""
+    from modules.music import read_stem_notes
+
+    silent = np.zeros(4800, np.float32)
+    urmp = tmp_path / "urmp" / "01_Jupiter_vn_vc"
+    urmp.mkdir(parents=True)
+    for f in ("AuMix_01_Jupiter_vn_vc.wav", "AuSep_1_vn_01_Jupiter.wav", "AuSep_2_vc_01_Jupiter.wav",
+              "AuSep_3_fl_01_Jupiter.wav"):  # track 3 has no notes file: skipped
+        sf.write(urmp / f, silent, 48000)
+    (urmp / "Notes_1_vn_01_Jupiter.txt").write_text("0.50\t440.0\t0.25\n1.00\t523.25\t0.5\n")
+    (urmp / "Notes_2_vc_01_Jupiter.txt").write_text("0.25   130.81   1.0\n")
+    pieces = scan_stem_folder(str(tmp_path / "urmp"))
+    stems = pieces["01_Jupiter_vn_vc"]
+    assert [s.instrument for s in stems] == ["violin 1", "cello 2"]
+    notes = read_stem_notes(stems[0])
+    assert [(n.pitch, n.onset, n.offset) for n in notes] == [(69, 0.5, 0.75), (72, 1.0, 1.5)]
+    assert [n.pitch for n in read_stem_notes(stems[1])] == [48]
+
+    bach = tmp_path / "bach10" / "01-AchGottundHerr"
+    bach.mkdir(parents=True)
+    for inst in ("", "-violin", "-clarinet", "-saxphone", "-bassoon"):
+        sf.write(bach / f"01-AchGottundHerr{inst}.wav", silent, 44100)
+    (bach / "01-AchGottundHerr.txt").write_text(
+        "0\t1000\t67\t1\n0\t1000\t62\t2\n0\t500\t59\t3\n500\t1000\t57\t3\n0\t1000\t43\t4\n")
+    stems = scan_stem_folder(str(tmp_path / "bach10"))["01-AchGottundHerr"]
+    assert [s.instrument for s in stems] == ["violin", "clarinet", "saxophone", "bassoon"]
+    sax = read_stem_notes(stems[2])
+    assert [(n.pitch, n.onset, n.offset) for n in sax] == [(59, 0.0, 0.5), (57, 0.5, 1.0)]
+    (bach / "01-AchGottundHerr.txt").write_text("0 1000 67\n")
+    with pytest.raises(ValueError, match="expected 4 columns"):
+        read_stem_notes(stems[0])

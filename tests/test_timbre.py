@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, write_recorded_pieces
 from modules.music import Note, Renderer, chorale_parts, make_example
 from modules.timbre import (NoteFrontEnd, TimbreNet, evaluate_example, midi_hz, note_f1,
                             roll_to_notes, semitone_filterbank, unit_targets)
@@ -136,6 +136,17 @@ def test_recipe_debug_run(debug_run):
         assert 0 <= summary[name]["instrument_onset_f1"] <= 1
         assert (out / f"{name}_results.csv").exists()
         assert len(os.listdir(out / "examples" / name)) == 1
+
+
+def test_recipe_on_a_folder_of_recorded_pieces(tmp_path):
+    """stem_folder replaces the chorales: the recipe trains and scores 2- and 3-instrument
+    excerpts of the recorded pieces (split by piece)."""
+    folder = write_recorded_pieces(tmp_path / "recorded")
+    out, proc = run_recipe(tmp_path / "timbre", "--debug", f"--stem_folder={folder}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "recorded pieces of" in proc.stderr + proc.stdout
+    summary = json.loads((out / "test_summary.json").read_text())
+    assert summary["test2"]["n_examples"] == summary["test3"]["n_examples"] == 1
 
 
 def test_export_round_trip(example, tmp_path, capsys):
