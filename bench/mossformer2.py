@@ -45,13 +45,20 @@ LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def set_allocator(kind: str) -> None:
-    """``retain``: glibc serves every block from its heap and never trims it (mallopt
+    """``jemalloc``: the child runs with the system's jemalloc preloaded (:func:`run_child`);
+    ``compact[:kB]``: :func:`modules.brain.compact_allocator` (blocks over kB, default
+    1024, are mmap-ed and unmapped when freed); ``retain``: glibc serves every block from its heap and never trims it (mallopt
     M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB), instead of mmap-ing blocks over 32 MB afresh (and
     faulting in every page) each time; ``glibc``: the default."""
     if kind == "retain":
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)  # M_MMAP_MAX
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    elif kind.startswith("compact"):
+        sys.path.insert(0, ROOT)
+        from modules.brain import compact_allocator
+
+        compact_allocator(int(kind.partition(":")[2] or 1024))
 
 
 def rss_mb() -> float:
@@ -130,7 +137,20 @@ def child(spec: dict) -> dict:
     return result
 
 
+def jemalloc_path() -> str | None:
+    """libjemalloc.so.2 of the system (Debian/Ubuntu: ``apt install libjemalloc2``), if any."""
+    for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"):
+        path = os.path.join(folder, "libjemalloc.so.2")
+        if os.path.exists(path):
+            return path
+    return None
+
+
 def run_child(spec: dict, env: dict | None = None) -> dict:
+    if spec.get("allocator") == "jemalloc":  # must be preloaded when the child starts
+        if not jemalloc_path():
+            return {"error": "no libjemalloc.so.2 (apt install libjemalloc2)"}
+        env = dict(env or {}, LD_PRELOAD=jemalloc_path())
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=dict(os.environ, **(env or {})))
     if proc.returncode != 0:
@@ -364,7 +384,8 @@ def main(argv=None) -> None:
                         help="longest training input for the reference (4 s needs > 24 GB)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs (inputs <= 16 s)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--allocator", choices=("glibc", "retain"), default="glibc")
+    parser.add_argument("--allocator", default="glibc",
+                        help="glibc (default), jemalloc, retain, or compact[:kB] (see set_allocator)")
     parser.add_argument("--skip_reference", action="store_true")
     parser.add_argument("--profile", action="store_true", help="where our time goes")
     parser.add_argument("--kernels", action="store_true", help="depthwise-convolution variants")

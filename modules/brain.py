@@ -53,6 +53,26 @@ def any_process(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def compact_allocator(mmap_threshold_kb: int = 1024) -> bool:
+    """Make glibc hand big freed blocks back to the system at once (``mallopt(M_MMAP_THRESHOLD)``).
+
+    By default glibc serves a block from its heap unless it is over the *dynamic* mmap threshold,
+    which rises to the size of every mmap-ed block freed (up to 32 MB). A training step frees and
+    allocates activations of many sizes, so after the first step most come from heaps that keep
+    their freed memory, and peak RSS grows well above the peak of live tensors. A fixed
+    threshold of ``mmap_threshold_kb`` maps every larger block on its own and unmaps it when
+    freed: peak RSS then follows live memory, at the cost of page faults on fresh pages.
+    Returns False (and changes nothing) without glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(getattr(libc, "mallopt", None)) and libc.mallopt(-3, int(mmap_threshold_kb) * 1024) == 1
+
+
 class SafeCheckpointer(Checkpointer):
     """A SpeechBrain ``Checkpointer`` whose checkpoints count only once completely written.
 

@@ -309,7 +309,7 @@ def export_clearvoice(checkpoint: str, hub_folder: str, hparams: str | None = No
         raise RuntimeError(f"converting {checkpoint} with {hparams} failed: {err}") from err
     shutil.rmtree(check, ignore_errors=True)
     source = repo_id or "<this folder>"
-    card = [f"---\nlibrary_name: speechbrain\ntags:\n- audio-source-separation\n- speechbrain\n---",
+    card = ["---\nlibrary_name: speechbrain\ntags:\n- audio-source-separation\n- speechbrain\n---",
             "# MossFormer2", "",
             f"MossFormer2 speech separation (Zhao et al., ICASSP 2024), {sizes['num_spks']} speakers, "
             f"{sep.hparams.sample_rate} Hz, N={sizes['N']}, {sizes['num_layers']} layers. Weights "

@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
-import speechbrain as sb
 import torch
 from speechbrain.dataio.batch import PaddedBatch
 

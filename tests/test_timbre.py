@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, write_recorded_pieces
-from modules.music import Note, Renderer, chorale_parts, make_example
+from modules.music import Renderer, chorale_parts, make_example
 from modules.timbre import (NoteFrontEnd, TimbreNet, evaluate_example, midi_hz, note_f1,
                             roll_to_notes, semitone_filterbank, unit_targets)
 
