@@ -45,20 +45,15 @@ LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def set_allocator(kind: str) -> None:
-    """``jemalloc``: the child runs with the system's jemalloc preloaded (:func:`run_child`);
-    ``compact[:kB]``: :func:`modules.brain.compact_allocator` (blocks over kB, default
-    1024, are mmap-ed and unmapped when freed); ``retain``: glibc serves every block from its heap and never trims it (mallopt
+    """``jemalloc``: the child runs with the system's jemalloc preloaded; ``compact``: under
+    ``modules.brain.COMPACT_MEMORY_ENV`` (the recipes' ``compact_memory: True``), set by
+    :func:`run_child`; ``retain``: glibc serves every block from its heap and never trims it (mallopt
     M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB), instead of mmap-ing blocks over 32 MB afresh (and
     faulting in every page) each time; ``glibc``: the default."""
     if kind == "retain":
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)  # M_MMAP_MAX
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    elif kind.startswith("compact"):
-        sys.path.insert(0, ROOT)
-        from modules.brain import compact_allocator
-
-        compact_allocator(int(kind.partition(":")[2] or 1024))
 
 
 def rss_mb() -> float:
@@ -147,6 +142,11 @@ def jemalloc_path() -> str | None:
 
 
 def run_child(spec: dict, env: dict | None = None) -> dict:
+    if spec.get("allocator") == "compact":
+        sys.path.insert(0, ROOT)
+        from modules.brain import COMPACT_MEMORY_ENV
+
+        env = dict(env or {}, **COMPACT_MEMORY_ENV)
     if spec.get("allocator") == "jemalloc":  # must be preloaded when the child starts
         if not jemalloc_path():
             return {"error": "no libjemalloc.so.2 (apt install libjemalloc2)"}
@@ -385,7 +385,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs (inputs <= 16 s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--allocator", default="glibc",
-                        help="glibc (default), jemalloc, retain, or compact[:kB] (see set_allocator)")
+                        help="glibc (default), compact, jemalloc or retain (see set_allocator)")
     parser.add_argument("--skip_reference", action="store_true")
     parser.add_argument("--profile", action="store_true", help="where our time goes")
     parser.add_argument("--kernels", action="store_true", help="depthwise-convolution variants")

@@ -53,24 +53,47 @@ def any_process(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-def compact_allocator(mmap_threshold_kb: int = 1024) -> bool:
-    """Make glibc hand big freed blocks back to the system at once (``mallopt(M_MMAP_THRESHOLD)``).
+#: Environment under which a process's peak RSS follows its live memory. By default glibc serves a
+#: block from its heaps unless it is over a *dynamic* mmap threshold that rises to the size of
+#: every mmap-ed block freed (up to 32 MB); a training step frees and allocates activations of
+#: many sizes, so its heaps keep growing with freed memory. A fixed threshold of 1 MB maps every
+#: larger block on its own and unmaps it when freed; PyTorch's huge-page allocation of big
+#: tensors (``THP_MEM_ALLOC_ENABLE``) makes mapping them afresh cheap. Both are read when the
+#: process starts.
+COMPACT_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "THP_MEM_ALLOC_ENABLE": "1"}
 
-    By default glibc serves a block from its heap unless it is over the *dynamic* mmap threshold,
-    which rises to the size of every mmap-ed block freed (up to 32 MB). A training step frees and
-    allocates activations of many sizes, so after the first step most come from heaps that keep
-    their freed memory, and peak RSS grows well above the peak of live tensors. A fixed
-    threshold of ``mmap_threshold_kb`` maps every larger block on its own and unmaps it when
-    freed: peak RSS then follows live memory, at the cost of page faults on fresh pages.
-    Returns False (and changes nothing) without glibc.
-    """
-    import ctypes
 
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(getattr(libc, "mallopt", None)) and libc.mallopt(-3, int(mmap_threshold_kb) * 1024) == 1
+def compact_memory_requested(hparams_file: str, overrides) -> bool:
+    """The yaml's top-level ``compact_memory:`` value, a command-line override winning."""
+    import re
+
+    import yaml
+
+    if isinstance(overrides, str):
+        overrides = yaml.safe_load(overrides) if overrides.strip() else {}
+    if isinstance(overrides, dict) and "compact_memory" in overrides:
+        return bool(overrides["compact_memory"])
+    with open(hparams_file, encoding="utf-8") as f:
+        m = re.search(r"^compact_memory:[ \t]*([^#\n]*)", f.read(), re.M)
+    return bool(m and yaml.safe_load(m.group(1) or "false"))
+
+
+def restart_with_compact_memory(argv) -> None:
+    """Re-execute this command under :data:`COMPACT_MEMORY_ENV` unless it already runs under it.
+    Only for a command-line run (``argv`` None); a call from Python gets a warning instead."""
+    import sys
+
+    if all(os.environ.get(k) == v for k, v in COMPACT_MEMORY_ENV.items()):
+        return
+    if argv is not None:
+        logger.warning("compact_memory: True needs %s in the environment when Python starts; "
+                       "run the recipe from the command line, or set them yourself",
+                       " ".join(f"{k}={v}" for k, v in COMPACT_MEMORY_ENV.items()))
+        return
+    os.environ.update(COMPACT_MEMORY_ENV)
+    print("compact_memory: restarting under " + " ".join(f"{k}={v}" for k, v in COMPACT_MEMORY_ENV.items()),
+          file=sys.stderr, flush=True)
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 class SafeCheckpointer(Checkpointer):
@@ -329,6 +352,8 @@ def setup_recipe(brain_class, argv=None):
     from speechbrain.utils.distributed import ddp_init_group, run_on_main
 
     hparams_file, run_opts, overrides = sb.parse_arguments(argv if argv is not None else sys.argv[1:])
+    if compact_memory_requested(hparams_file, overrides):
+        restart_with_compact_memory(argv)
     ddp_init_group(run_opts)  # under torchrun: join the process group (gloo on CPU, nccl on GPUs)
     with open(hparams_file, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, overrides)

@@ -42,6 +42,10 @@ def test_debug_run_of_every_yaml(yaml, tmp_path, cache):
     log = run_recipe("train.py", yaml, out, "--debug", f"--cache_folder={cache}", *SMALL_DATA,
                      *DEBUG_OVERRIDES.get(os.path.basename(yaml), []))
     assert "SI-SNRi" in log and "NOT real speech" in log
+    from modules.brain import compact_memory_requested
+
+    # a compact_memory yaml restarts itself once under the allocator settings, then runs
+    assert log.count("compact_memory: restarting under") == int(compact_memory_requested(yaml, ""))
     with open(out / "test_results.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and list(rows[0]) == ["snt_id", "si-snr", "si-snr_i", "sdr", "sdr_i"]
@@ -195,3 +199,20 @@ def test_tensorboard_logging(tmp_path, cache):
     assert {"train/loss_step", "train/loss", "valid/si-snr", "valid/lr"} <= tags
     assert [e.step for e in acc.Scalars("valid/si-snr")] == [1, 2]
     assert [e.step for e in acc.Scalars("train/loss_step")] == [2, 4]  # 2 x 2 updates of 4
+
+
+def test_compact_memory_key_and_override(tmp_path, caplog):
+    from modules.brain import COMPACT_MEMORY_ENV, compact_memory_requested, restart_with_compact_memory
+
+    yaml = tmp_path / "x.yaml"
+    yaml.write_text("seed: 1\ncompact_memory: True   # comment\n")
+    assert compact_memory_requested(str(yaml), "")
+    assert not compact_memory_requested(str(yaml), "compact_memory: False\n")
+    yaml.write_text("seed: 1\n")
+    assert not compact_memory_requested(str(yaml), "")
+    assert compact_memory_requested(str(yaml), {"compact_memory": True})
+    # called from Python (argv given): never re-executes, says what to set instead
+    with caplog.at_level("WARNING"):
+        restart_with_compact_memory(["x.yaml"])
+    assert all(k in caplog.text for k in COMPACT_MEMORY_ENV) or all(
+        os.environ.get(k) == v for k, v in COMPACT_MEMORY_ENV.items())
