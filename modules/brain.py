@@ -316,12 +316,14 @@ class BaseBrain(sb.Brain):
         ``test_summary.json``: the test metrics (one dict per test set when there are several),
         ``params_M``, ``trained_params_M``, ``train_minutes``, ``epochs`` and ``best_epoch``."""
         counter, model = hparams["epoch_counter"], hparams["model"]
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.info("%.3f M parameters, %.3f M of them trained",
+                    sum(p.numel() for p in model.parameters()) / 1e6, trained / 1e6)
         self.fit(counter, sets["train"], sets["valid"], train_loader_kwargs=hparams["dataloader_opts"],
                  valid_loader_kwargs=hparams["eval_dataloader_opts"])
         # read before testing reloads the best checkpoint (and with it that epoch's counter)
         results = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-                   "trained_params_M": sum(p.numel() for p in model.parameters()
-                                           if p.requires_grad) / 1e6,
+                   "trained_params_M": trained / 1e6,
                    "train_minutes": counter.elapsed / 60, "epochs": counter.current}
         key = {f"{hparams['valid_metric_mode']}_key": hparams["valid_metric"]}
         names = sorted(k for k in sets if k.startswith("test"))
@@ -367,3 +369,12 @@ def setup_recipe(brain_class, argv=None):
     logger.info("model: %s, %.3f M parameters", type(hparams["model"]).__name__, n_params / 1e6)
     return brain, hparams, sets
 
+
+def train_and_test(brain_class, argv=None, report=None) -> dict:
+    """A recipe's whole run: :func:`setup_recipe`, :meth:`BaseBrain.fit_and_test`, then
+    ``report(hparams, summary)`` on the main process. Returns the summary."""
+    brain, hparams, sets = setup_recipe(brain_class, argv)
+    summary = brain.fit_and_test(hparams, sets)
+    if report is not None and sb.utils.distributed.if_main_process():
+        report(hparams, summary)
+    return summary

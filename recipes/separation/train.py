@@ -30,7 +30,7 @@ if ROOT not in sys.path:  # `import modules` without installing the project
     sys.path.insert(0, ROOT)
 
 from modules.audio import match_level, plot_separation, write_audio  # noqa: E402
-from modules.brain import BaseBrain, setup_recipe  # noqa: E402
+from modules.brain import BaseBrain, train_and_test  # noqa: E402
 from modules.losses import pit_si_snr_loss  # noqa: E402
 from modules.metrics import METRIC_NAMES, separation_metrics  # noqa: E402
 
@@ -91,11 +91,7 @@ class SeparationBrain(BaseBrain):
 
 def run(argv=None):
     """Train (unless ``--test_only``) and test; returns the test summary dict."""
-    brain, hparams, sets = setup_recipe(SeparationBrain, argv)
-    summary = brain.fit_and_test(hparams, sets)
-    if if_main_process():
-        print_summary(hparams, summary)
-    return summary
+    return train_and_test(SeparationBrain, argv, print_summary)
 
 
 def print_summary(hparams, s):

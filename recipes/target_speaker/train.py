@@ -33,7 +33,7 @@ if ROOT not in sys.path:  # `import modules` without installing the project
     sys.path.insert(0, ROOT)
 
 from modules.audio import match_level, write_audio  # noqa: E402
-from modules.brain import BaseBrain, setup_recipe  # noqa: E402
+from modules.brain import BaseBrain, train_and_test  # noqa: E402
 from modules.losses import si_snr  # noqa: E402
 from modules.tse import EXTRACTION_METRICS, extraction_metrics  # noqa: E402
 
@@ -95,13 +95,7 @@ class ExtractionBrain(BaseBrain):
 
 def run(argv=None):
     """Train and test; returns the test summary dict."""
-    brain, hparams, sets = setup_recipe(ExtractionBrain, argv)
-    n_train = sum(p.numel() for p in hparams["model"].parameters() if p.requires_grad)
-    logger.info("%.3f M of the parameters are trained (the others: a frozen WavLM)", n_train / 1e6)
-    summary = brain.fit_and_test(hparams, sets)
-    if if_main_process():
-        print_summary(hparams, summary)
-    return summary
+    return train_and_test(ExtractionBrain, argv, print_summary)
 
 
 def print_summary(hparams, s):

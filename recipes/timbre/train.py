@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from modules.brain import BaseBrain, setup_recipe  # noqa: E402
+from modules.brain import BaseBrain, train_and_test  # noqa: E402
 from modules.clustering import deep_clustering_loss, focal_loss  # noqa: E402
 from modules.timbre import evaluate_example, plot_example, unit_targets  # noqa: E402
 
@@ -94,15 +94,16 @@ class TimbreBrain(BaseBrain):
 
 
 def run(argv=None):
-    brain, hparams, sets = setup_recipe(TimbreBrain, argv)
-    results = brain.fit_and_test(hparams, sets)
-    if if_main_process():
-        print(f"\nTimbreNet, {results['train_minutes']:.1f} min of training "
-              f"({results['epochs']} epochs); results in {os.path.abspath(hparams['output_folder'])}")
-        print(f"{'test set':10s} " + " ".join(f"{m:>24s}" for m in METRICS))
-        for name in sorted(k for k in results if k.startswith("test")):
-            print(f"{name:10s} " + " ".join(f"{results[name][m]:24.3f}" for m in METRICS))
-    return results
+    """Train and test on every test set; returns the summary (one dict per test set)."""
+    return train_and_test(TimbreBrain, argv, print_summary)
+
+
+def print_summary(hparams, results):
+    print(f"\nTimbreNet, {results['train_minutes']:.1f} min of training "
+          f"({results['epochs']} epochs); results in {os.path.abspath(hparams['output_folder'])}")
+    print(f"{'test set':10s} " + " ".join(f"{m:>24s}" for m in METRICS))
+    for name in sorted(k for k in results if k.startswith("test")):
+        print(f"{name:10s} " + " ".join(f"{results[name][m]:24.3f}" for m in METRICS))
 
 
 if __name__ == "__main__":
