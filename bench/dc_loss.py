@@ -27,12 +27,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import resource
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+from measure import rss_mb as peak_rss_mb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -41,10 +42,6 @@ from modules.clustering import deep_clustering_loss, leaky_deep_clustering_loss 
 
 METHODS = ("low-rank", "naive", "leaky")
 NAIVE_MATRICES = 4  # N x N float32 tensors alive at the naive form's peak (measured: ~3.8)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def naive_dc(v, y):

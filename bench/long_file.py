@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ import time
 import numpy as np
 import soundfile as sf
 import torch
+
+from measure import rss_mb as peak_rss_mb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -54,10 +55,6 @@ def paper_folder(folder, extra=""):
     with open(PAPER_YAML) as f:
         open(os.path.join(folder, "hyperparams.yaml"), "w").write(f.read() + extra)
     return folder
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build_tracks(data, sr, seconds, speakers=None, speaker_pattern=None, seed=1234):

@@ -33,11 +33,11 @@ import argparse
 import ctypes
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
+
+from measure import run_child as run_child_process, timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = 16000
@@ -54,10 +54,6 @@ def set_allocator(kind: str) -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)  # M_MMAP_MAX
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,20 +94,15 @@ def child(spec: dict) -> dict:
     model, run = build(spec["impl"], spec["weights"])
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, int(spec["seconds"] * SR), generator=gen)
-    result = {}
     if spec["task"] == "infer":
         model.eval()
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16")
+        out = {}
         with torch.inference_mode(), autocast:
             run(torch.randn(1, SR, generator=gen))  # warm-up: oneDNN primitives, allocator
-            base = rss_mb()
-            times = []
-            for _ in range(spec["repeats"]):
-                start = time.perf_counter()
-                y = run(x)
-                times.append(time.perf_counter() - start)
+            result = timed(lambda: out.update(y=run(x)), spec["repeats"])
         if spec.get("output"):
-            torch.save(y.float(), spec["output"])
+            torch.save(out["y"].float(), spec["output"])
     else:
         model.train()
         target = torch.randn(1, x.shape[1], 2, generator=gen)
@@ -122,13 +113,7 @@ def child(spec: dict) -> dict:
             model.zero_grad(set_to_none=True)
 
         step(x[:, : SR // 2], target[:, : SR // 2])
-        base = rss_mb()
-        times = []
-        for _ in range(spec["repeats"]):
-            start = time.perf_counter()
-            step(x, target)
-            times.append(time.perf_counter() - start)
-    result.update(seconds=min(times), peak_mb=rss_mb(), work_mb=rss_mb() - base)
+        result = timed(lambda: step(x, target), spec["repeats"])
     return result
 
 
@@ -151,12 +136,7 @@ def run_child(spec: dict, env: dict | None = None) -> dict:
         if not jemalloc_path():
             return {"error": "no libjemalloc.so.2 (apt install libjemalloc2)"}
         env = dict(env or {}, LD_PRELOAD=jemalloc_path())
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                          capture_output=True, text=True, env=dict(os.environ, **(env or {})))
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child_process(__file__, spec, env)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,19 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
-import time
+
+from measure import run_child, timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = 16000
 MODELS = {"WavLMTasNet": "wavlm_tasnet.yaml", "WavLMDynamicTasNet": "wavlm_dynamic_tasnet.yaml"}
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build(name: str, wavlm_folder: str):
@@ -76,22 +71,7 @@ def child(spec: dict) -> dict:
             model.zero_grad(set_to_none=True)
 
     run(mix[:, :SR], target[:, :SR])  # warm-up on 1 s: oneDNN primitives, allocator
-    base = rss_mb()
-    times = []
-    for _ in range(spec["repeats"]):
-        start = time.perf_counter()
-        run(mix, target)
-        times.append(time.perf_counter() - start)
-    return {"seconds": min(times), "peak_mb": rss_mb(), "work_mb": rss_mb() - base}
-
-
-def run_child(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return timed(lambda: run(mix, target), spec["repeats"])
 
 
 def main(argv=None) -> None:
@@ -122,7 +102,7 @@ def main(argv=None) -> None:
                 spec = dict(model=name, wavlm=folder, task=task, mix=mix, enroll=args.enroll,
                             threads=args.threads, repeats=args.repeats)
                 print(f"  {name:19s} {task} {args.enroll:g} s + {mix:g} s ...", end=" ", flush=True)
-                row[name] = run_child(spec)
+                row[name] = run_child(__file__, spec)
                 r = row[name]
                 print(r.get("error") or f"{r['seconds']:.2f} s, peak {r['peak_mb']:.0f} MB", flush=True)
             rows.append(row)

@@ -1,0 +1,39 @@
+"""What the benchmarks share: run a measurement in a fresh process, and time a function with the
+peak resident memory it reaches."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def rss_mb() -> float:
+    """Peak resident memory of this process so far (``ru_maxrss``), MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(run, repeats: int) -> dict:
+    """Best of ``repeats`` calls of ``run()``; the process's peak RSS, and the part of it reached
+    after the state before the first call (call a warm-up first)."""
+    base = rss_mb()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return {"seconds": min(times), "peak_mb": rss_mb(), "work_mb": rss_mb() - base}
+
+
+def run_child(script: str, spec: dict, env: dict | None = None) -> dict:
+    """``python <script> --child <spec as JSON>`` in a fresh process (with ``env`` added); its
+    last output line is the JSON result. A failure becomes ``{"error": <last lines>}``."""
+    proc = subprocess.run([sys.executable, os.path.abspath(script), "--child", json.dumps(spec)],
+                          capture_output=True, text=True, env=dict(os.environ, **(env or {})))
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
