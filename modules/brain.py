@@ -41,6 +41,8 @@ from speechbrain.utils.checkpoints import (Checkpointer, mark_as_loader, mark_as
                                            register_checkpoint_hooks)
 from speechbrain.utils.epoch_loop import EpochCounter
 
+from .memory import compact_memory_requested, restart_with_compact_memory
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,49 +53,6 @@ def any_process(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item() > 0)
-
-
-#: Environment under which a process's peak RSS follows its live memory. By default glibc serves a
-#: block from its heaps unless it is over a *dynamic* mmap threshold that rises to the size of
-#: every mmap-ed block freed (up to 32 MB); a training step frees and allocates activations of
-#: many sizes, so its heaps keep growing with freed memory. A fixed threshold of 1 MB maps every
-#: larger block on its own and unmaps it when freed; PyTorch's huge-page allocation of big
-#: tensors (``THP_MEM_ALLOC_ENABLE``) makes mapping them afresh cheap. Both are read when the
-#: process starts.
-COMPACT_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "THP_MEM_ALLOC_ENABLE": "1"}
-
-
-def compact_memory_requested(hparams_file: str, overrides) -> bool:
-    """The yaml's top-level ``compact_memory:`` value, a command-line override winning."""
-    import re
-
-    import yaml
-
-    if isinstance(overrides, str):
-        overrides = yaml.safe_load(overrides) if overrides.strip() else {}
-    if isinstance(overrides, dict) and "compact_memory" in overrides:
-        return bool(overrides["compact_memory"])
-    with open(hparams_file, encoding="utf-8") as f:
-        m = re.search(r"^compact_memory:[ \t]*([^#\n]*)", f.read(), re.M)
-    return bool(m and yaml.safe_load(m.group(1) or "false"))
-
-
-def restart_with_compact_memory(argv) -> None:
-    """Re-execute this command under :data:`COMPACT_MEMORY_ENV` unless it already runs under it.
-    Only for a command-line run (``argv`` None); a call from Python gets a warning instead."""
-    import sys
-
-    if all(os.environ.get(k) == v for k, v in COMPACT_MEMORY_ENV.items()):
-        return
-    if argv is not None:
-        logger.warning("compact_memory: True needs %s in the environment when Python starts; "
-                       "run the recipe from the command line, or set them yourself",
-                       " ".join(f"{k}={v}" for k, v in COMPACT_MEMORY_ENV.items()))
-        return
-    os.environ.update(COMPACT_MEMORY_ENV)
-    print("compact_memory: restarting under " + " ".join(f"{k}={v}" for k, v in COMPACT_MEMORY_ENV.items()),
-          file=sys.stderr, flush=True)
-    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 class SafeCheckpointer(Checkpointer):

@@ -28,6 +28,7 @@ from speechbrain.inference.interfaces import Pretrained
 from .audio import (AudioError, check_finite, clipped_fraction, match_level, read_audio, resample,
                     wav_truncation, write_audio)
 from .losses import best_permutation, pairwise_si_snr, reorder
+from .memory import reuse_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +120,11 @@ class Separator(Pretrained):
     ``overlap_seconds`` (default 2) and ``precision`` (``fp32``, the default, or ``bf16``: the
     model runs under ``torch.autocast`` in bfloat16, matrix products and convolutions in bf16,
     outputs returned in float32; MossFormer2 is 1.3-1.4x faster than in fp32 on a CPU with
-    AVX512-BF16/AMX, 39 dB SNR from the fp32 output, ``bench/mossformer2.py``). ``precision`` can
-    also be set on the instance.
+    AVX512-BF16/AMX, 39 dB SNR from the fp32 output, ``bench/mossformer2.py``);
+    ``reuse_freed_memory`` (default True: the model runs inside
+    :func:`modules.memory.reuse_freed_memory`, so glibc reuses freed memory for new activations
+    instead of faulting in fresh pages; the outputs are the same). ``precision`` and
+    ``reuse_freed_memory`` can also be set on the instance.
     """
 
     HPARAMS_NEEDED = ["sample_rate"]
@@ -130,6 +134,7 @@ class Separator(Pretrained):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.precision = str(getattr(self.hparams, "precision", "fp32"))
+        self.reuse_freed_memory = bool(getattr(self.hparams, "reuse_freed_memory", True))
 
     @property
     def sample_rate(self) -> int:
@@ -166,7 +171,8 @@ class Separator(Pretrained):
             raise ValueError(f"precision must be one of {self.PRECISIONS}, got {self.precision!r}")
         chunk, overlap = self._chunking()
         model = self.mods.model
-        with torch.autocast(mix.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with reuse_freed_memory(self.reuse_freed_memory and mix.device.type == "cpu"), \
+                torch.autocast(mix.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             if mix.shape[-1] <= chunk:
                 return model(mix).float()
             return chunked_separation(model, mix, chunk, overlap)  # float32 already

@@ -42,7 +42,7 @@ def test_debug_run_of_every_yaml(yaml, tmp_path, cache):
     log = run_recipe("train.py", yaml, out, "--debug", f"--cache_folder={cache}", *SMALL_DATA,
                      *DEBUG_OVERRIDES.get(os.path.basename(yaml), []))
     assert "SI-SNRi" in log and "NOT real speech" in log
-    from modules.brain import compact_memory_requested
+    from modules.memory import compact_memory_requested
 
     # a compact_memory yaml restarts itself once under the allocator settings, then runs
     assert log.count("compact_memory: restarting under") == int(compact_memory_requested(yaml, ""))
@@ -202,7 +202,7 @@ def test_tensorboard_logging(tmp_path, cache):
 
 
 def test_compact_memory_key_and_override(tmp_path, caplog):
-    from modules.brain import COMPACT_MEMORY_ENV, compact_memory_requested, restart_with_compact_memory
+    from modules.memory import COMPACT_MEMORY_ENV, compact_memory_requested, restart_with_compact_memory
 
     yaml = tmp_path / "x.yaml"
     yaml.write_text("seed: 1\ncompact_memory: True   # comment\n")

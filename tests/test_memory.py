@@ -1,0 +1,100 @@
+"""modules.memory.reuse_freed_memory: freed memory is reused inside the block (few page faults),
+the process's allocator settings come back and free memory is returned after it, and Separator
+runs its model inside it. Page faults are counted in fresh processes, whose heaps hold no big
+free blocks yet."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from modules import memory
+from modules.inference import Separator
+from conftest import ROOT, inference_yaml
+
+pytestmark = pytest.mark.skipif(memory._glibc() is None, reason="glibc only")
+
+SCRIPT = """
+import json, resource, sys, torch
+from modules.memory import reuse_freed_memory
+from modules.mossformer2 import CONFIGS, MossFormer2
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+def faults_of_a_call():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    y = model(x)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, y
+
+torch.manual_seed(0)
+model = MossFormer2(**CONFIGS["tiny"]).eval()
+x = torch.randn(1, 16000 * 20)  # activations of 40-160 MB: over glibc's largest mmap threshold
+r = {}
+with torch.inference_mode():
+    with reuse_freed_memory(enabled=sys.argv[1] == "on") as active:
+        r["active"] = active
+        faults_of_a_call()
+        with reuse_freed_memory(enabled=sys.argv[1] == "on"):
+            pass  # leaving a nested block changes nothing
+        r["second_call"], y = faults_of_a_call()
+        r["rss_inside"] = rss_mb()
+    r["rss_after"] = rss_mb()
+    r["after"], _ = faults_of_a_call()
+r["sum"] = y.double().sum().item()
+print(json.dumps(r))
+"""
+
+
+def run(mode: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_freed_memory_is_reused_inside_and_given_back_after():
+    on, off = run("on"), run("off")
+    assert on["active"] and not off["active"]
+    assert on["sum"] == off["sum"]  # the same computation
+    # by default every big activation is a fresh mapping whose pages fault in; inside the block
+    # the second call finds all it needs in the heap
+    assert off["second_call"] > 50_000
+    assert on["second_call"] < off["second_call"] // 20
+    # on leaving, the free heap memory is returned and big blocks are mapped afresh again
+    assert on["rss_after"] < on["rss_inside"] - 200
+    assert on["after"] > off["second_call"] // 10
+    assert off["rss_after"] == pytest.approx(off["rss_inside"], abs=50)
+
+
+class DepthRecorder(torch.nn.Module):
+    """Halves the mixture into two sources; records whether reuse_freed_memory was active."""
+
+    def __init__(self):
+        super().__init__()
+        self.active = []
+
+    def forward(self, mix):
+        self.active.append(memory._state["depth"] > 0)
+        return torch.stack((mix / 2, mix / 2), dim=-1)
+
+
+def test_separator_runs_its_model_reusing_freed_memory(tmp_path):
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "hyperparams.yaml").write_text(inference_yaml(X=1))
+    from modules.tasnet import ConvTasNet  # any loadable folder; the model is swapped below
+
+    torch.save(ConvTasNet(N=16, L=16, B=16, H=32, Sc=16, X=1, R=1).state_dict(),
+               folder / "model.ckpt")
+    sep = Separator.from_hparams(source=str(folder), savedir=str(tmp_path / "saved"))
+    assert sep.reuse_freed_memory  # the default
+    sep.mods.model = DepthRecorder()
+    mix = torch.randn(1, 4000)
+    reused = sep.separate_batch(mix)
+    sep.reuse_freed_memory = False
+    torch.testing.assert_close(reused, sep.separate_batch(mix), rtol=0, atol=0)
+    assert sep.mods.model.active == [True, False]
+    assert memory._state["depth"] == 0
