@@ -275,13 +275,13 @@ class BaseBrain(sb.Brain):
         ``test_summary.json``: the test metrics (one dict per test set when there are several),
         ``params_M``, ``trained_params_M``, ``train_minutes``, ``epochs`` and ``best_epoch``."""
         counter, model = hparams["epoch_counter"], hparams["model"]
+        total = sum(p.numel() for p in model.parameters())
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        logger.info("%.3f M parameters, %.3f M of them trained",
-                    sum(p.numel() for p in model.parameters()) / 1e6, trained / 1e6)
+        logger.info("%.3f M parameters, %.3f M of them trained", total / 1e6, trained / 1e6)
         self.fit(counter, sets["train"], sets["valid"], train_loader_kwargs=hparams["dataloader_opts"],
                  valid_loader_kwargs=hparams["eval_dataloader_opts"])
         # read before testing reloads the best checkpoint (and with it that epoch's counter)
-        results = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+        results = {"params_M": total / 1e6,
                    "trained_params_M": trained / 1e6,
                    "train_minutes": counter.elapsed / 60, "epochs": counter.current}
         key = {f"{hparams['valid_metric_mode']}_key": hparams["valid_metric"]}
