@@ -21,7 +21,9 @@ requirements-ref.txt) is built from a seed, ours loads its state dict with
   24 GB (``--reference_train_max``).
 
 Peak memory is the process's peak RSS minus its RSS once the model is built (``work``) and the
-whole peak RSS. glibc keeps some freed memory in its heap, so for training steps, where that
+whole peak RSS. "s in the kernel" is the system time of all threads during the timed call: with
+glibc's defaults, mostly the page faults of big tensors mapped afresh (``--allocator reuse``
+removes them). ``--dtypes fp32`` skips the bf16 rows. glibc keeps some freed memory in its heap, so for training steps, where that
 inflates RSS most, each step is run once more with ``MALLOC_MMAP_THRESHOLD_=131072`` (every
 block over 128 kB is unmapped when freed): that peak RSS is the peak of live memory. ``--allocator reuse`` runs each measurement inside
 ``modules.memory.reuse_freed_memory`` (what ``Separator`` does): glibc reuses freed memory
@@ -42,6 +44,7 @@ from measure import run_child as run_child_process, timed
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = 16000
 LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+_OPEN_BLOCKS = []
 
 
 def set_allocator(kind: str) -> None:
@@ -53,7 +56,9 @@ def set_allocator(kind: str) -> None:
         sys.path.insert(0, ROOT)
         from modules.memory import reuse_freed_memory
 
-        reuse_freed_memory().__enter__()  # left when the process ends
+        block = reuse_freed_memory()
+        block.__enter__()
+        _OPEN_BLOCKS.append(block)  # referenced until the process ends (collected, it would exit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +204,7 @@ def table(args) -> None:
     common = dict(weights=weights, threads=args.threads, allocator=args.allocator)
 
     rows, outputs = [], {}
-    jobs = [("infer", s, d) for s in args.seconds for d in ("fp32", "bf16")]
+    jobs = [("infer", s, d) for s in args.seconds for d in args.dtypes]
     jobs += [("train", s, "fp32") for s in args.train_seconds]
     for task, seconds, dtype in jobs:
         row = {"task": task, "seconds": seconds, "dtype": dtype}
@@ -212,8 +217,9 @@ def table(args) -> None:
                 spec["output"] = os.path.join(tmp, f"{impl}_{seconds}_{dtype}.pt")
             print(f"  {impl:9s} {task} {seconds:g} s {dtype} ...", end=" ", flush=True)
             row[impl] = run_child(spec)
-            print(row[impl].get("error") or f"{row[impl]['seconds']:.1f} s, peak {row[impl]['peak_mb']:.0f} MB",
-                  flush=True)
+            r = row[impl]
+            print(r.get("error") or f"{r['seconds']:.1f} s ({r['kernel_seconds']:.1f} s in the kernel, "
+                  f"{r['page_faults'] / 1e6:.2f} M page faults), peak {r['peak_mb']:.0f} MB", flush=True)
             if task == "infer" and "error" not in row[impl]:
                 outputs[(impl, seconds, dtype)] = spec["output"]
             elif task == "train" and "error" not in row[impl]:
@@ -226,23 +232,25 @@ def table(args) -> None:
 
     print(f"\nMossFormer2 (N=512, 24 layers), batch 1, {args.threads} threads, allocator "
           f"{args.allocator}, torch {torch.__version__}\n")
-    print("| task | input | dtype | reference s | ours s | speed-up | reference peak / work MB "
-          "| ours peak / work MB | ours work MB per s of audio | reference / ours live peak MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| task | input | dtype | reference s | ours s | speed-up | reference / ours s in the "
+          "kernel | reference peak / work MB | ours peak / work MB | ours per s of audio: s, work MB "
+          "| reference / ours live peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref, ours = r.get("reference"), r.get("ours")
         ok = ref and ours and "error" not in ref and "error" not in ours
         speed = f"{ref['seconds'] / ours['seconds']:.2f}x" if ok else "-"
-        per_s = fmt(ours, "work_mb", "%.0f") if ours is None or "error" in ours else \
-            f"{ours['work_mb'] / r['seconds']:.0f}"
+        per_s = "-" if ours is None or "error" in ours else \
+            f"{ours['seconds'] / r['seconds']:.2f}, {ours['work_mb'] / r['seconds']:.0f}"
         mem = lambda m: "not run" if m is None else "failed" if "error" in m else \
             f"{m['peak_mb']:.0f} / {m['work_mb']:.0f}"  # noqa: E731
+        kernel = " / ".join(fmt(m, "kernel_seconds", "%.1f") for m in (ref, ours))
         label = "inference" if r["task"] == "infer" else "train step (fwd + bwd)"
         live = " / ".join("-" if m is None or "live_mb" not in m else f"{m['live_mb']:.0f}"
                           for m in (ref, ours)) if r["task"] == "train" else ""
         print(f"| {label} | {r['seconds']:g} s | {r['dtype']} | {fmt(ref, 'seconds', '%.1f')} "
-              f"| {fmt(ours, 'seconds', '%.1f')} | {speed} | {mem(ref)} | {mem(ours)} | {per_s} "
-              f"| {live} |")
+              f"| {fmt(ours, 'seconds', '%.1f')} | {speed} | {kernel} | {mem(ref)} | {mem(ours)} "
+              f"| {per_s} | {live} |")
     print()
     for line in compare(outputs):
         print(line)
@@ -362,6 +370,7 @@ def main(argv=None) -> None:
     parser.add_argument("--train_seconds", default="2,4", help="training-step input lengths")
     parser.add_argument("--reference_train_max", type=float, default=2.0,
                         help="longest training input for the reference (4 s needs > 24 GB)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="inference precisions")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs (inputs <= 16 s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--allocator", default="glibc",
@@ -377,6 +386,9 @@ def main(argv=None) -> None:
         return
     args.seconds = [float(s) for s in args.seconds.split(",") if s]
     args.train_seconds = [float(s) for s in args.train_seconds.split(",") if s]
+    args.dtypes = [d for d in args.dtypes.split(",") if d]
+    if set(args.dtypes) - {"fp32", "bf16"}:
+        parser.error(f"--dtypes: fp32 and/or bf16, got {args.dtypes}")
     if args.profile:
         profile(args)
     elif args.kernels:
