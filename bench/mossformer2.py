@@ -48,7 +48,8 @@ _OPEN_BLOCKS = []
 
 
 def set_allocator(kind: str) -> None:
-    """``jemalloc``: the child runs with the system's jemalloc preloaded; ``compact``: under
+    """``jemalloc``, ``tcmalloc``: the child runs with that system library preloaded (Debian:
+    ``apt install libjemalloc2`` / ``libtcmalloc-minimal4``); ``compact``: under
     ``modules.memory.COMPACT_MEMORY_ENV`` (the recipes' ``compact_memory: True``), set by
     :func:`run_child`; ``reuse``: glibc reuses freed memory for the rest of the process
     (``modules.memory.reuse_freed_memory``, as in ``Separator``); ``glibc``: the default."""
@@ -122,10 +123,15 @@ def child(spec: dict) -> dict:
     return result
 
 
-def jemalloc_path() -> str | None:
-    """libjemalloc.so.2 of the system (Debian/Ubuntu: ``apt install libjemalloc2``), if any."""
+#: allocators preloaded into the child: (library, Debian package)
+PRELOADED = {"jemalloc": ("libjemalloc.so.2", "libjemalloc2"),
+             "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc-minimal4")}
+
+
+def library_path(name: str) -> str | None:
+    """The system's shared library ``name``, if installed."""
     for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"):
-        path = os.path.join(folder, "libjemalloc.so.2")
+        path = os.path.join(folder, name)
         if os.path.exists(path):
             return path
     return None
@@ -137,10 +143,11 @@ def run_child(spec: dict, env: dict | None = None) -> dict:
         from modules.memory import COMPACT_MEMORY_ENV
 
         env = dict(env or {}, **COMPACT_MEMORY_ENV)
-    if spec.get("allocator") == "jemalloc":  # must be preloaded when the child starts
-        if not jemalloc_path():
-            return {"error": "no libjemalloc.so.2 (apt install libjemalloc2)"}
-        env = dict(env or {}, LD_PRELOAD=jemalloc_path())
+    if spec.get("allocator") in PRELOADED:  # must be preloaded when the child starts
+        library, package = PRELOADED[spec["allocator"]]
+        if not library_path(library):
+            return {"error": f"no {library} (apt install {package})"}
+        env = dict(env or {}, LD_PRELOAD=library_path(library))
     return run_child_process(__file__, spec, env)
 
 
@@ -374,8 +381,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs (inputs <= 16 s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--allocator", default="glibc",
-                        choices=("glibc", "reuse", "compact", "jemalloc"),
-                        help="glibc (default), reuse, compact or jemalloc (see set_allocator)")
+                        choices=("glibc", "reuse", "compact", *PRELOADED),
+                        help="glibc (default), reuse, compact, jemalloc or tcmalloc (see set_allocator)")
     parser.add_argument("--skip_reference", action="store_true")
     parser.add_argument("--profile", action="store_true", help="where our time goes")
     parser.add_argument("--kernels", action="store_true", help="depthwise-convolution variants")
