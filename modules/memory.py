@@ -41,8 +41,9 @@ logger = logging.getLogger(__name__)
 COMPACT_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "THP_MEM_ALLOC_ENABLE": "1"}
 
 # mallopt parameters (glibc malloc.h) and glibc's defaults, unless the environment set others
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_KEEP_FREED = 2**31 - 1  # trim threshold while reusing: keep the heap top
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+# while reusing: trim only a heap top over 2 GB (mallopt takes an int), and then keep 2 GB of it
+_KEEP_FREED = 2**31 - 1
 _state = {"depth": 0}
 _lock = threading.Lock()
 
@@ -61,11 +62,13 @@ def _glibc():
     return libc
 
 
-def _restored_settings() -> tuple[int, int]:
-    """(mmap max, trim threshold) as the process had them: glibc's defaults or the environment's."""
-    mmap_max = int(os.environ.get("MALLOC_MMAP_MAX_", 65536))
-    trim = int(os.environ.get("MALLOC_TRIM_THRESHOLD_", 128 * 1024))
-    return mmap_max, min(trim, 2**31 - 1)
+def _restored_settings() -> dict[int, int]:
+    """mallopt parameter -> value as the process had them: glibc's defaults or the environment's."""
+    settings = {_M_MMAP_MAX: ("MALLOC_MMAP_MAX_", 65536),
+                _M_TRIM_THRESHOLD: ("MALLOC_TRIM_THRESHOLD_", 128 * 1024),
+                _M_TOP_PAD: ("MALLOC_TOP_PAD_", 128 * 1024)}
+    return {param: min(int(os.environ.get(name, default)), 2**31 - 1)
+            for param, (name, default) in settings.items()}
 
 
 @contextlib.contextmanager
@@ -87,6 +90,7 @@ def reuse_freed_memory(enabled: bool = True):
         if _state["depth"] == 0:
             libc.mallopt(_M_MMAP_MAX, 0)
             libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED)
+            libc.mallopt(_M_TOP_PAD, _KEEP_FREED)
         _state["depth"] += 1
     try:
         yield True
@@ -94,9 +98,8 @@ def reuse_freed_memory(enabled: bool = True):
         with _lock:
             _state["depth"] -= 1
             if _state["depth"] == 0:
-                mmap_max, trim = _restored_settings()
-                libc.mallopt(_M_MMAP_MAX, mmap_max)
-                libc.mallopt(_M_TRIM_THRESHOLD, trim)
+                for param, value in _restored_settings().items():
+                    libc.mallopt(param, value)
                 libc.malloc_trim(0)
 
 
