@@ -8,10 +8,10 @@ each for its own job:
 
 * :func:`reuse_freed_memory` (inference, on by default in :class:`~modules.inference.Separator`):
   while it is active glibc serves every block from its heap and keeps freed memory there for the
-  next tensor. MossFormer2 on 32 s of audio, one thread: 204 s of which 71 s in the kernel
-  without it, 138 s (4 s in the kernel) with it; time per second of audio then stays flat from 4
-  to 60 s (``bench/mossformer2.py --allocator reuse``). On leaving it the settings are restored
-  and the free memory is given back (``malloc_trim``).
+  next tensor. MossFormer2 on 60 s of audio, one thread: 366 s of which 132 s in the kernel
+  without it, 259 s (8 s in the kernel) with it; time per second of audio then stays at 4.3 s
+  from 4 to 60 s (``bench/mossformer2.py --allocator reuse``). On leaving it the settings are
+  restored and the free memory is given back (``malloc_trim``).
 * :data:`COMPACT_MEMORY_ENV` (training, ``compact_memory: True`` in a yaml): a training step frees
   and allocates activations of many sizes, and a heap that keeps them grows to several times the
   live memory. These settings map each block over 1 MB on its own (huge pages, so mapping afresh
@@ -79,8 +79,9 @@ def reuse_freed_memory(enabled: bool = True):
 
     Nested and concurrent uses are counted: the settings change on the first entry and are
     restored on the last exit. Side effect outside the block: glibc's mmap threshold stops adapting
-    (it stays where it was), as after any ``mallopt`` call. Peak RSS may rise a little (~15 % for
-    MossFormer2 on 32 s), because freed blocks of one size are not always reused for another.
+    (it stays where it was), as after any ``mallopt`` call. Peak RSS rises, because freed blocks
+    of one size are not always reused for another: 7.3 GB against 4.8 GB for MossFormer2 on one
+    60-s input; ``Separator``'s 10-s chunks keep it bounded.
     """
     libc = _glibc() if enabled else None
     if libc is None:
