@@ -50,7 +50,8 @@ _OPEN_BLOCKS = []
 def set_allocator(kind: str) -> None:
     """``jemalloc``, ``tcmalloc``: the child runs with that system library preloaded (Debian:
     ``apt install libjemalloc2`` / ``libtcmalloc-minimal4``); ``compact``: under
-    ``modules.memory.COMPACT_MEMORY_ENV`` (the recipes' ``compact_memory: True``), set by
+    ``modules.memory.compact_memory_env()`` (the recipes' ``compact_memory: True``: tcmalloc when
+    installed, else glibc settings), set by
     :func:`run_child`; ``reuse``: glibc reuses freed memory for the rest of the process
     (``modules.memory.reuse_freed_memory``, as in ``Separator``); ``glibc``: the default."""
     if kind == "reuse":
@@ -128,23 +129,17 @@ PRELOADED = {"jemalloc": ("libjemalloc.so.2", "libjemalloc2"),
              "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc-minimal4")}
 
 
-def library_path(name: str) -> str | None:
-    """The system's shared library ``name``, if installed."""
-    for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"):
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            return path
-    return None
-
-
 def run_child(spec: dict, env: dict | None = None) -> dict:
     if spec.get("allocator") == "compact":
         sys.path.insert(0, ROOT)
-        from modules.memory import COMPACT_MEMORY_ENV
+        from modules.memory import compact_memory_env
 
-        env = dict(env or {}, **COMPACT_MEMORY_ENV)
+        env = dict(env or {}, **compact_memory_env())
     if spec.get("allocator") in PRELOADED:  # must be preloaded when the child starts
         library, package = PRELOADED[spec["allocator"]]
+        sys.path.insert(0, ROOT)
+        from modules.memory import library_path
+
         if not library_path(library):
             return {"error": f"no {library} (apt install {package})"}
         env = dict(env or {}, LD_PRELOAD=library_path(library))

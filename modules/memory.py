@@ -12,10 +12,13 @@ each for its own job:
   without it, 259 s (8 s in the kernel) with it; time per second of audio then stays at 4.3 s
   from 4 to 60 s (``bench/mossformer2.py --allocator reuse``). On leaving it the settings are
   restored and the free memory is given back (``malloc_trim``).
-* :data:`COMPACT_MEMORY_ENV` (training, ``compact_memory: True`` in a yaml): a training step frees
-  and allocates activations of many sizes, and a heap that keeps them grows to several times the
-  live memory. These settings map each block over 1 MB on its own (huge pages, so mapping afresh
-  is cheap) and unmap it when freed: peak RSS follows live memory.
+* :func:`compact_memory_env` (training, ``compact_memory: True`` in a yaml; the recipe restarts
+  itself under it): a training step frees and allocates activations of many sizes, and glibc's
+  heap grows to several times the live memory (MossFormer2, 2 s, one thread: 6.0 GB peak RSS for
+  1.8 GB live). With tcmalloc (``apt install libtcmalloc-minimal4``), preloaded when the system
+  has it, the step peaks at 2.0 GB and is no slower (41.0 s against 44.4 s). Without it,
+  :data:`COMPACT_MEMORY_ENV` maps each glibc block over 1 MB on its own (huge pages) and unmaps it
+  when freed: 2.2 GB, but 50.6 s, 10.6 s of it faulting pages in.
 
 Neither changes any result. Both are no-ops outside glibc (macOS, Windows, musl).
 """
@@ -39,6 +42,10 @@ logger = logging.getLogger(__name__)
 #: tensors (``THP_MEM_ALLOC_ENABLE``) makes mapping them afresh cheap. Both are read when the
 #: process starts.
 COMPACT_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "THP_MEM_ALLOC_ENABLE": "1"}
+
+#: The allocator ``compact_memory`` preloads when the system has it (Debian/Ubuntu package
+#: ``libtcmalloc-minimal4``): it reuses freed memory without the fragmentation of glibc's heaps.
+TCMALLOC = "libtcmalloc_minimal.so.4"
 
 # mallopt parameters (glibc malloc.h) and glibc's defaults, unless the environment set others
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
@@ -119,16 +126,38 @@ def compact_memory_requested(hparams_file: str, overrides) -> bool:
     return bool(m and yaml.safe_load(m.group(1) or "false"))
 
 
+def library_path(name: str) -> str | None:
+    """The system's shared library ``name`` (e.g. :data:`TCMALLOC`), if installed."""
+    for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def compact_memory_env() -> dict[str, str]:
+    """The environment a ``compact_memory`` run restarts under: tcmalloc preloaded if the system
+    has it (added in front of any ``LD_PRELOAD`` already set), else :data:`COMPACT_MEMORY_ENV`."""
+    path = library_path(TCMALLOC) if sys.platform.startswith("linux") else None
+    if path is None:
+        return dict(COMPACT_MEMORY_ENV)
+    preload = os.environ.get("LD_PRELOAD", "")
+    if path in preload.split(":"):
+        return {"LD_PRELOAD": preload}
+    return {"LD_PRELOAD": f"{path}:{preload}" if preload else path}
+
+
 def restart_with_compact_memory(argv) -> None:
-    """Re-execute this command under :data:`COMPACT_MEMORY_ENV` unless it already runs under it.
+    """Re-execute this command under :func:`compact_memory_env` unless it already runs under it.
     Only for a command-line run (``argv`` None); a call from Python gets a warning instead."""
-    if all(os.environ.get(k) == v for k, v in COMPACT_MEMORY_ENV.items()):
+    env = compact_memory_env()
+    if all(os.environ.get(k) == v for k, v in env.items()):
         return
-    settings = " ".join(f"{k}={v}" for k, v in COMPACT_MEMORY_ENV.items())
+    settings = " ".join(f"{k}={v}" for k, v in env.items())
     if argv is not None:
         logger.warning("compact_memory: True needs %s in the environment when Python starts; "
                        "run the recipe from the command line, or set them yourself", settings)
         return
-    os.environ.update(COMPACT_MEMORY_ENV)
+    os.environ.update(env)
     print("compact_memory: restarting under " + settings, file=sys.stderr, flush=True)
     os.execv(sys.executable, [sys.executable, *sys.argv])

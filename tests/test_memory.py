@@ -98,3 +98,16 @@ def test_separator_runs_its_model_reusing_freed_memory(tmp_path):
     torch.testing.assert_close(reused, sep.separate_batch(mix), rtol=0, atol=0)
     assert sep.mods.model.active == [True, False]
     assert memory._state["depth"] == 0
+
+
+def test_compact_memory_prefers_tcmalloc_and_keeps_other_preloads(monkeypatch):
+    monkeypatch.setattr(memory, "library_path", lambda name: None)
+    assert memory.compact_memory_env() == memory.COMPACT_MEMORY_ENV  # glibc settings
+    monkeypatch.setattr(memory, "library_path", lambda name: f"/usr/lib/{name}")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    tcmalloc = f"/usr/lib/{memory.TCMALLOC}"
+    assert memory.compact_memory_env() == {"LD_PRELOAD": tcmalloc}
+    monkeypatch.setenv("LD_PRELOAD", "/opt/libother.so")
+    assert memory.compact_memory_env() == {"LD_PRELOAD": f"{tcmalloc}:/opt/libother.so"}
+    monkeypatch.setenv("LD_PRELOAD", f"/opt/libother.so:{tcmalloc}")  # already there: as it is
+    assert memory.compact_memory_env() == {"LD_PRELOAD": f"/opt/libother.so:{tcmalloc}"}

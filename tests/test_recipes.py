@@ -202,7 +202,7 @@ def test_tensorboard_logging(tmp_path, cache):
 
 
 def test_compact_memory_key_and_override(tmp_path, caplog):
-    from modules.memory import COMPACT_MEMORY_ENV, compact_memory_requested, restart_with_compact_memory
+    from modules.memory import compact_memory_env, compact_memory_requested, restart_with_compact_memory
 
     yaml = tmp_path / "x.yaml"
     yaml.write_text("seed: 1\ncompact_memory: True   # comment\n")
@@ -214,5 +214,6 @@ def test_compact_memory_key_and_override(tmp_path, caplog):
     # called from Python (argv given): never re-executes, says what to set instead
     with caplog.at_level("WARNING"):
         restart_with_compact_memory(["x.yaml"])
-    assert all(k in caplog.text for k in COMPACT_MEMORY_ENV) or all(
-        os.environ.get(k) == v for k, v in COMPACT_MEMORY_ENV.items())
+    env = compact_memory_env()
+    assert all(f"{k}={v}" in caplog.text for k, v in env.items()) or all(
+        os.environ.get(k) == v for k, v in env.items())
