@@ -20,7 +20,8 @@ each for its own job:
   :data:`COMPACT_MEMORY_ENV` maps each glibc block over 1 MB on its own (huge pages) and unmaps it
   when freed: 2.2 GB, but 50.6 s, 10.6 s of it faulting pages in.
 
-Neither changes any result. Both are no-ops outside glibc (macOS, Windows, musl).
+Neither changes any result. :func:`reuse_freed_memory` does nothing outside glibc (macOS,
+Windows, musl); tcmalloc is looked for on Linux only.
 """
 
 from __future__ import annotations
