@@ -74,6 +74,9 @@ class SafeCheckpointer(Checkpointer):
         ckpt = super().save_checkpoint(*args, **kwargs)
         if ckpt is not None:  # the main process, once every file is written
             os.remove(os.path.join(ckpt.path, self.MARKER))
+        # Under DDP every process then lists the checkpoints to delete, and their lists must
+        # agree (one broadcast per deletion): none may list while the new one is still marked.
+        sb.utils.distributed.ddp_barrier()
         return ckpt
 
     def _incomplete(self, path) -> bool:
