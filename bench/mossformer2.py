@@ -21,13 +21,15 @@ requirements-ref.txt) is built from a seed, ours loads its state dict with
   24 GB (``--reference_train_max``).
 
 Peak memory is the process's peak RSS minus its RSS once the model is built (``work``) and the
-whole peak RSS. "s in the kernel" is the system time of all threads during the timed call: with
-glibc's defaults, mostly the page faults of big tensors mapped afresh (``--allocator reuse``
-removes them). ``--dtypes fp32`` skips the bf16 rows. glibc keeps some freed memory in its heap, so for training steps, where that
+whole peak RSS. glibc keeps some freed memory in its heap, so for training steps, where that
 inflates RSS most, each step is run once more with ``MALLOC_MMAP_THRESHOLD_=131072`` (every
-block over 128 kB is unmapped when freed): that peak RSS is the peak of live memory. ``--allocator reuse`` runs each measurement inside
-``modules.memory.reuse_freed_memory`` (what ``Separator`` does): glibc reuses freed memory
-instead of mapping fresh pages for every big tensor, so far fewer page faults, for both models.
+block over 128 kB is unmapped when freed): that peak RSS is the peak of live memory.
+
+"s in the kernel" is the system time of all threads during the timed call: with glibc's
+defaults, mostly the page faults of big tensors mapped afresh. ``--allocator reuse`` runs each
+measurement inside ``modules.memory.reuse_freed_memory`` (what ``Separator`` does), which removes
+them; ``compact``, ``tcmalloc`` and ``jemalloc``: see :func:`set_allocator`. ``--dtypes fp32``
+skips the bf16 rows.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def child(spec: dict) -> dict:
 
 #: allocators preloaded into the child: (library, Debian package)
 PRELOADED = {"jemalloc": ("libjemalloc.so.2", "libjemalloc2"),
-             "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc-minimal4")}
+             "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc-minimal4")}  # memory.TCMALLOC
 
 
 def run_child(spec: dict, env: dict | None = None) -> dict:
