@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-ref.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	# reference code the tests compare with (MossFormer2: clearvoice), without its own pins
 	$(PY) -m pip install --quiet --no-deps -r requirements-ref.txt
-	# SoundFont synthesiser for modules/music.py; --no-deps: its pyaudio is not needed offline
+	# SoundFont synthesiser for modules/data/music.py; --no-deps: its pyaudio is not needed offline
 	$(PY) -m pip install --quiet --no-deps tinysoundfont==0.3.7
 	# make `import modules` work from anywhere inside the venv (recipes, tests, HyperPyYAML)
 	$(PY) -c "import site; open(site.getsitepackages()[0] + '/sb_separation_recipes.pth', 'w').write('$(CURDIR)\n')"

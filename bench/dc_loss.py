@@ -8,9 +8,9 @@ For each audio length, ``N = bins x frames`` units (default: 129 bins of an 8 kH
 n_fft 256 and hop 64, centred frames ``1 + samples // hop``) and each embedding size D, one
 forward + backward of
 
-* ``low-rank``: :func:`modules.clustering.deep_clustering_loss` (``O(N D^2)``),
+* ``low-rank``: :func:`modules.models.clustering.deep_clustering_loss` (``O(N D^2)``),
 * ``naive``: the textbook ``||V V^T - Y Y^T||_F^2`` with the N x N matrices (autograd),
-* ``leaky``: :func:`modules.clustering.leaky_deep_clustering_loss` (exact, blocks of
+* ``leaky``: :func:`modules.models.clustering.leaky_deep_clustering_loss` (exact, blocks of
   ``--chunk``; ``O(N^2 D)`` time, memory independent of N beyond the inputs),
 
 with two one-hot classes. Each case runs in a forked child process that reports its wall time
@@ -38,7 +38,7 @@ from measure import rss_mb as peak_rss_mb
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from modules.clustering import deep_clustering_loss, leaky_deep_clustering_loss  # noqa: E402
+from modules.models.clustering import deep_clustering_loss, leaky_deep_clustering_loss  # noqa: E402
 
 METHODS = ("low-rank", "naive", "leaky")
 NAIVE_MATRICES = 4  # N x N float32 tensors alive at the naive form's peak (measured: ~3.8)

@@ -38,16 +38,16 @@ from measure import rss_mb as peak_rss_mb
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from modules.audio import read_audio, resample  # noqa: E402
-from modules.data import scan_corpus, split_speakers  # noqa: E402
-from modules.losses import si_snr  # noqa: E402
+from modules.data.audio import read_audio, resample  # noqa: E402
+from modules.data.corpora import scan_corpus, split_speakers  # noqa: E402
+from modules.models.losses import si_snr  # noqa: E402
 
 PAPER_YAML = os.path.join(ROOT, "hparams", "convtasnet.yaml")
 
 
 def paper_folder(folder, extra=""):
     """Model folder of Conv-TasNet's paper configuration with random weights."""
-    from modules.tasnet import ConvTasNet
+    from modules.models.convtasnet import ConvTasNet
 
     os.makedirs(folder)
     torch.manual_seed(0)
@@ -91,7 +91,7 @@ def build_tracks(data, sr, seconds, speakers=None, speaker_pattern=None, seed=12
 
 def measure(model_folder, wav, savedir):
     """Separate ``wav`` in this process; print a JSON line with time, memory and the outputs."""
-    from modules.inference import Separator
+    from modules.serving.inference import Separator
 
     sep = Separator.from_hparams(source=model_folder, savedir=savedir)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))

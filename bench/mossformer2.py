@@ -27,7 +27,7 @@ block over 128 kB is unmapped when freed): that peak RSS is the peak of live mem
 
 "s in the kernel" is the system time of all threads during the timed call: with glibc's
 defaults, mostly the page faults of big tensors mapped afresh. ``--allocator reuse`` runs each
-measurement inside ``modules.memory.reuse_freed_memory`` (what ``Separator`` does), which removes
+measurement inside ``modules.training.memory.reuse_freed_memory`` (what ``Separator`` does), which removes
 them; ``compact``, ``tcmalloc`` and ``jemalloc``: see :func:`set_allocator`. ``--dtypes fp32``
 skips the bf16 rows.
 """
@@ -52,13 +52,13 @@ _OPEN_BLOCKS = []
 def set_allocator(kind: str) -> None:
     """``jemalloc``, ``tcmalloc``: the child runs with that system library preloaded (Debian:
     ``apt install libjemalloc2`` / ``libtcmalloc-minimal4``); ``compact``: under
-    ``modules.memory.compact_memory_env()`` (the recipes' ``compact_memory: True``: tcmalloc when
+    ``modules.training.memory.compact_memory_env()`` (the recipes' ``compact_memory: True``: tcmalloc when
     installed, else glibc settings), set by
     :func:`run_child`; ``reuse``: glibc reuses freed memory for the rest of the process
-    (``modules.memory.reuse_freed_memory``, as in ``Separator``); ``glibc``: the default."""
+    (``modules.training.memory.reuse_freed_memory``, as in ``Separator``); ``glibc``: the default."""
     if kind == "reuse":
         sys.path.insert(0, ROOT)
-        from modules.memory import reuse_freed_memory
+        from modules.training.memory import reuse_freed_memory
 
         block = reuse_freed_memory()
         block.__enter__()
@@ -74,7 +74,9 @@ def build(impl: str, weights: str):
     import torch
 
     sys.path.insert(0, ROOT)
-    from modules.mossformer2 import CONFIGS, MossFormer2, clearvoice_reference, load_clearvoice_checkpoint
+    from modules.convert.clearvoice import load_clearvoice_checkpoint
+    from modules.models.mossformer2 import CONFIGS, MossFormer2
+    from tests.clearvoice_ref import clearvoice_reference
 
     if impl == "reference":
         import types
@@ -98,7 +100,7 @@ def child(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     sys.path.insert(0, ROOT)
-    from modules.losses import pit_si_snr_loss
+    from modules.models.losses import pit_si_snr_loss
 
     model, run = build(spec["impl"], spec["weights"])
     gen = torch.Generator().manual_seed(1)
@@ -134,13 +136,13 @@ PRELOADED = {"jemalloc": ("libjemalloc.so.2", "libjemalloc2"),
 def run_child(spec: dict, env: dict | None = None) -> dict:
     if spec.get("allocator") == "compact":
         sys.path.insert(0, ROOT)
-        from modules.memory import compact_memory_env
+        from modules.training.memory import compact_memory_env
 
         env = dict(env or {}, **compact_memory_env())
     if spec.get("allocator") in PRELOADED:  # must be preloaded when the child starts
         library, package = PRELOADED[spec["allocator"]]
         sys.path.insert(0, ROOT)
-        from modules.memory import library_path
+        from modules.training.memory import library_path
 
         if not library_path(library):
             return {"error": f"no {library} (apt install {package})"}
@@ -186,7 +188,7 @@ def table(args) -> None:
     import torch
 
     sys.path.insert(0, ROOT)
-    from modules.mossformer2 import clearvoice_reference
+    from tests.clearvoice_ref import clearvoice_reference
 
     tmp = tempfile.mkdtemp(prefix="bench_mossformer2_")
     weights = os.path.join(tmp, "clearvoice_weights.pt")
@@ -286,8 +288,8 @@ def profile(args) -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, ROOT)
-    from modules.losses import pit_si_snr_loss
-    from modules.mossformer2 import CONFIGS, MossFormer2
+    from modules.models.losses import pit_si_snr_loss
+    from modules.models.mossformer2 import CONFIGS, MossFormer2
 
     torch.manual_seed(0)
     model = MossFormer2(**CONFIGS["mossformer2"])
@@ -327,7 +329,7 @@ def kernels(args) -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, ROOT)
-    from modules.mossformer2 import conv_along_frames
+    from modules.models.mossformer2 import conv_along_frames
 
     def best(fn, n=3):
         fn()

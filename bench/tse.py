@@ -49,7 +49,7 @@ def child(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     sys.path.insert(0, ROOT)
-    from modules.losses import si_snr
+    from modules.models.losses import si_snr
 
     model = build(spec["model"], spec["wavlm"])
     gen = torch.Generator().manual_seed(0)

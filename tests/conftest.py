@@ -50,7 +50,7 @@ def inference_yaml(X=2, norm="gLN", extra=""):
     return f"""
 sample_rate: 8000
 {extra}
-model: !new:modules.tasnet.ConvTasNet
+model: !new:modules.models.convtasnet.ConvTasNet
     N: 16
     L: 16
     B: 16
@@ -79,7 +79,7 @@ def write_recorded_pieces(root, n_pieces=4, n_instruments=3, sample_rate=22050, 
     from a chorale so that notes and audio agree; at ``sample_rate`` to exercise resampling."""
     import pretty_midi
 
-    from modules.music import Renderer, chorale_parts, make_example
+    from modules.data.music import Renderer, chorale_parts, make_example
 
     parts, renderer = chorale_parts("bach/bwv66.6"), Renderer(sample_rate)
     for k in range(n_pieces):

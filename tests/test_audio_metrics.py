@@ -5,8 +5,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from modules.audio import AudioError, match_level, read_audio, write_audio
-from modules.metrics import sdr, separation_metrics
+from modules.data.audio import AudioError, match_level, read_audio, write_audio
+from modules.training.metrics import sdr, separation_metrics
 
 
 def test_write_audio_never_clips(tmp_path):

@@ -13,10 +13,10 @@ import soundfile as sf
 import torch
 
 from conftest import inference_yaml
-from modules.audio import AudioError
-from modules.inference import Separator
-from modules.separate import main as separate_main
-from modules.tasnet import ConvTasNet
+from modules.data.audio import AudioError
+from modules.serving.inference import Separator
+from modules.serving.separate import main as separate_main
+from modules.models.convtasnet import ConvTasNet
 
 MODEL_SR = 8000
 RNG = np.random.default_rng(0)

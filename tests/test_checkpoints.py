@@ -6,7 +6,7 @@ import pytest
 import torch
 from speechbrain.utils.checkpoints import Checkpointer
 
-from modules.brain import SafeCheckpointer
+from modules.training.brain import SafeCheckpointer
 
 
 class Interrupted(Exception):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-from modules.clustering import (ClusteringAttention, LossBalancer, cluster_units,
+from modules.models.clustering import (ClusteringAttention, LossBalancer, cluster_units,
                                 deep_clustering_loss, estimate_num_clusters, flow_attention,
                                 focal_loss, kmeans, leaky_deep_clustering_loss, linear_attention)
 

@@ -2,9 +2,9 @@
 
 import torch
 
-from modules.clustering import deep_clustering_loss
-from modules.losses import pairwise_si_snr
-from modules.stft_mask import DeepClusteringNet, ideal_mask_separation
+from modules.models.clustering import deep_clustering_loss
+from modules.models.losses import pairwise_si_snr
+from modules.models.stft_mask import DeepClusteringNet, ideal_mask_separation
 
 
 def sources(seconds=1.0, sr=8000):
@@ -22,7 +22,7 @@ def test_training_loss_is_the_deep_clustering_loss_and_trains():
     loss = net(mix, src)
     spec = net.encoder(mix)
     owner = net.encoder(src[0].T).abs().argmax(0).T.flatten()[None]     # [1, T*F]
-    expected = deep_clustering_loss(net.embed(spec), owner, net.active(spec).float())
+    expected = deep_clustering_loss(net.masker.embed(spec), owner, net.masker.active(spec).float())
     assert torch.allclose(loss, expected, atol=1e-6)
     loss.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
@@ -35,7 +35,8 @@ def test_perfect_embeddings_give_the_ideal_binary_mask():
     spec = net.encoder(mix)
     owner = net.encoder(src[0].T).abs().argmax(0)                       # [F, T]
     onehot = torch.nn.functional.one_hot(owner.T.flatten(), 2).float()[None]
-    est = net.separate(spec, onehot, mix.shape[-1])                     # k-means on one-hot units
+    masks = net.masker.cluster(spec, onehot)                            # k-means on one-hot units
+    est = net.decode(net.apply_masks(spec, masks), mix.shape[-1])
     ibm = ideal_mask_separation(mix[0], src[0], "ibm")
     assert est.shape == (1, mix.shape[-1], 2)
     sim = pairwise_si_snr(est, ibm[None])[0]                             # [est, ref]

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import ROOT, inference_yaml
-from modules.export import export, main as export_main
-from modules.inference import Separator
-from modules.tasnet import ConvTasNet
+from modules.serving.export import export, main as export_main
+from modules.serving.inference import Separator
+from modules.models.convtasnet import ConvTasNet
 from test_recipes import SMALL_DATA, TINY_MODEL, run_recipe
 
 
@@ -55,19 +55,19 @@ def test_push_uploads_the_checked_folder(trained, tmp_path, monkeypatch):
     calls = []
 
     class FakeApi:
-        def create_repo(self, repo_id, exist_ok):
-            calls.append(("create", repo_id))
+        def create_repo(self, repo_id, exist_ok, private):
+            calls.append(("create", repo_id, private))
 
         def upload_folder(self, folder_path, repo_id):
             calls.append(("upload", repo_id, sorted(os.listdir(folder_path))))
 
-    import huggingface_hub
+    from modules.serving import export as export_module
 
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(export_module, "HfApi", FakeApi)
     status = export_main([str(out), str(tmp_path / "hub"), "--hparams", str(yaml_path),
                           "--push", "me/tiny-tasnet"])
     assert status == 0
-    assert calls == [("create", "me/tiny-tasnet"),
+    assert calls == [("create", "me/tiny-tasnet", True),  # private unless --public
                      ("upload", "me/tiny-tasnet", ["README.md", "hyperparams.yaml", "model.ckpt"])]
     assert 'source="me/tiny-tasnet"' in (tmp_path / "hub" / "README.md").read_text()
 
@@ -76,7 +76,7 @@ def test_push_uploads_the_checked_folder(trained, tmp_path, monkeypatch):
 def test_torchscript_and_onnx_match_pytorch_at_any_length(tmp_path, norm, causal):
     import onnxruntime as ort
 
-    from modules.export import deploy
+    from modules.serving.export import deploy
 
     torch.manual_seed(0)
     model = ConvTasNet(N=32, L=16, B=32, H=64, Sc=32, X=3, R=2, norm=norm, causal=causal).eval()
@@ -97,7 +97,7 @@ def test_torchscript_and_onnx_match_pytorch_at_any_length(tmp_path, norm, causal
 
 
 def test_deploy_reports_a_mismatch(tmp_path, monkeypatch):
-    from modules import export as export_module
+    from modules.serving import export as export_module
 
     model = ConvTasNet(N=16, L=16, B=16, H=32, Sc=16, X=2, R=1).eval()
     with pytest.raises(RuntimeError, match="differs from PyTorch"):  # tolerance no export meets

@@ -6,10 +6,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from modules.audio import AudioError
-from modules.inference import Separator, chunked_separation
-from modules.losses import si_snr
-from modules.tasnet import ConvTasNet
+from modules.data.audio import AudioError
+from modules.serving.inference import Separator, chunked_separation
+from modules.models.losses import si_snr
+from modules.models.convtasnet import ConvTasNet
 from conftest import inference_yaml
 
 TINY = dict(N=16, L=16, B=16, H=32, Sc=16, P=3, X=3, R=1, norm="chLN")

@@ -9,7 +9,7 @@ import torch
 from hyperpyyaml import load_hyperpyyaml
 
 from conftest import ROOT
-from modules.inference import Separator, interface_class
+from modules.serving.inference import Separator, interface_class
 
 
 INFERENCE_YAMLS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "hparams", "*.yaml")))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from modules.losses import best_permutation, pairwise_si_snr, pit_si_snr, reorder, si_snr
+from modules.models.losses import best_permutation, pairwise_si_snr, pit_si_snr, reorder, si_snr
 
 
 def slow_si_snr(est, ref):

@@ -1,4 +1,4 @@
-"""modules.memory.reuse_freed_memory: freed memory is reused inside the block (few page faults),
+"""modules.training.memory.reuse_freed_memory: freed memory is reused inside the block (few page faults),
 the process's allocator settings come back and free memory is returned after it, and Separator
 runs its model inside it. Page faults are counted in fresh processes, whose heaps hold no big
 free blocks yet."""
@@ -10,16 +10,16 @@ import sys
 import pytest
 import torch
 
-from modules import memory
-from modules.inference import Separator
+from modules.training import memory
+from modules.serving.inference import Separator
 from conftest import ROOT, inference_yaml
 
 pytestmark = pytest.mark.skipif(memory._glibc() is None, reason="glibc only")
 
 SCRIPT = """
 import json, resource, sys, torch
-from modules.memory import reuse_freed_memory
-from modules.mossformer2 import CONFIGS, MossFormer2
+from modules.training.memory import reuse_freed_memory
+from modules.models.mossformer2 import CONFIGS, MossFormer2
 
 def rss_mb():
     with open("/proc/self/statm") as f:
@@ -85,7 +85,7 @@ def test_separator_runs_its_model_reusing_freed_memory(tmp_path):
     folder = tmp_path / "hub"
     folder.mkdir()
     (folder / "hyperparams.yaml").write_text(inference_yaml(X=1))
-    from modules.tasnet import ConvTasNet  # any loadable folder; the model is swapped below
+    from modules.models.convtasnet import ConvTasNet  # any loadable folder; the model is swapped below
 
     torch.save(ConvTasNet(N=16, L=16, B=16, H=32, Sc=16, X=1, R=1).state_dict(),
                folder / "model.ckpt")

@@ -1,6 +1,6 @@
 """MossFormer2: same outputs as the ClearerVoice reference code with the same weights, parameter
 counts of the paper, ClearerVoice checkpoint loading (and its errors), Separator folders and
-``modules.export --from-clearvoice``.
+``modules.serving.export --from-clearvoice``.
 
 The reference is ``clearvoice==0.1.2`` (requirements-ref.txt), imported from its files: the
 package's ``__init__`` pulls in heavy dependencies that it does not need for the model.
@@ -12,11 +12,13 @@ import types
 
 import pytest
 import torch
+from hyperpyyaml import resolve_references
 
+from clearvoice_ref import clearvoice_reference
 from conftest import ROOT
-from modules.mossformer2 import (CONFIGS, CheckpointMismatchError, MossFormer2, clearvoice_config,
-                                 clearvoice_reference, clearvoice_to_ours, load_clearvoice_checkpoint,
-                                 ours_to_clearvoice)
+from modules.convert.clearvoice import (CheckpointMismatchError, clearvoice_config, clearvoice_to_ours,
+                                        load_clearvoice_checkpoint, ours_to_clearvoice)
+from modules.models.mossformer2 import CONFIGS, MossFormer2
 
 SR = 16000
 
@@ -152,6 +154,14 @@ def test_every_reference_key_has_one_name_of_ours(reference):
     assert sorted(mapped) == sorted(ours)  # one to one, nothing of ours left out
 
 
+@pytest.mark.parametrize("config", ["mossformer2", "tiny"])
+def test_every_name_of_ours_round_trips_through_its_clearvoice_key(config):
+    for name in MossFormer2(**CONFIGS[config]).state_dict():
+        theirs = ours_to_clearvoice(name)
+        assert theirs is not None and theirs != name, name
+        assert clearvoice_to_ours(theirs) == name
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(reference, tmp_path_factory):
     """A ClearerVoice-style file of the tiny reference model, as its trainer saves it."""
@@ -229,14 +239,14 @@ def test_unexpected_key_and_wrong_config_are_named(tiny_checkpoint, tmp_path):
 
 
 def tiny_hparams():
-    from modules.export import set_yaml_values
+    from modules.serving.export import set_yaml_values
 
     with open(os.path.join(ROOT, "hparams", "mossformer2.yaml")) as f:
         return set_yaml_values(f.read(), CONFIGS["tiny"])
 
 
 def test_separator_loads_a_tiny_model_folder(tmp_path):
-    from modules.inference import Separator
+    from modules.serving.inference import Separator
 
     torch.manual_seed(0)
     model = MossFormer2(**CONFIGS["tiny"]).eval()
@@ -252,8 +262,8 @@ def test_separator_loads_a_tiny_model_folder(tmp_path):
 
 
 def test_export_from_clearvoice_gives_the_reference_output(tiny_checkpoint, tmp_path):
-    from modules.export import main as export_main
-    from modules.inference import Separator
+    from modules.serving.export import main as export_main
+    from modules.serving.inference import Separator
 
     ref, path = tiny_checkpoint
     hub = tmp_path / "hub"
@@ -266,7 +276,7 @@ def test_export_from_clearvoice_gives_the_reference_output(tiny_checkpoint, tmp_
 
 
 def test_export_from_clearvoice_refuses_a_bad_checkpoint(tiny_checkpoint, tmp_path):
-    from modules.export import export_clearvoice
+    from modules.serving.export import export_clearvoice
 
     bad = _corrupt(tiny_checkpoint[1], tmp_path, lambda s: s.pop(PRELU))
     with pytest.raises(CheckpointMismatchError, match="mask_net.prelu.weight"):
@@ -297,7 +307,7 @@ def test_conv_along_frames_is_conv1d_forward_and_backward(batch, frames, c_out, 
     kernel, weight gradient as a convolution over chunks) against ``F.conv1d``, float64."""
     import torch.nn.functional as F
 
-    from modules.mossformer2 import conv_along_frames
+    from modules.models.mossformer2 import conv_along_frames
 
     gen = torch.Generator().manual_seed(frames)
     x = torch.randn(batch, frames, c_out * per_group, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -315,7 +325,7 @@ def test_conv_along_frames_is_conv1d_forward_and_backward(batch, frames, c_out, 
 
 
 def test_fast_dropout_rate_scale_and_eval():
-    from modules.mossformer2 import FastDropout
+    from modules.models.mossformer2 import FastDropout
 
     drop = FastDropout(0.1).train()
     x = torch.ones(400, 1000)
@@ -363,7 +373,7 @@ def test_inference_paths_agree_with_the_autograd_path():
 
 
 def test_bf16_separator_within_35_db_of_fp32(tmp_path):
-    from modules.inference import Separator
+    from modules.serving.inference import Separator
 
     folder = tmp_path / "tiny"
     folder.mkdir()
@@ -385,25 +395,25 @@ def test_bf16_separator_within_35_db_of_fp32(tmp_path):
 
 def test_export_carries_the_runs_size_overrides(tmp_path):
     """A run trained with ``--N=32 --num_layers=1 --sample_rate=8000`` on the command line
-    exports to a folder whose yaml has those values (the inference yaml's defaults are 512, 24,
-    16000), and the folder loads with the run's weights."""
-    from modules.export import export
-    from modules.inference import Separator
+    exports to a folder whose yaml has those values (the recipe's defaults are 512, 24, 16000):
+    export writes the run's resolved model section, and the folder loads with the run's weights."""
+    from modules.serving.export import export
+    from modules.serving.inference import Separator
 
     run = tmp_path / "run"
     ckpt = run / "save" / "CKPT+2026-01-01+00-00-00+00"
     ckpt.mkdir(parents=True)
-    (run / "hyperparams.yaml").write_text(
-        "experiment_name: mossformer2-tiny\nsample_rate: 8000\nN: 32   # encoder filters\n"
-        "num_layers: 1\nvalid_metric: si-snr\n")
-    (ckpt / "CKPT.yaml").write_text("si-snr: 1.5\n")
+    with open(os.path.join(ROOT, "recipes", "separation", "hparams", "mossformer2.yaml")) as f:
+        saved = resolve_references(f, {"N": 32, "num_layers": 1, "sample_rate": 8000}).getvalue()
+    (run / "hyperparams.yaml").write_text(saved)  # what SpeechBrain saves for the run
+    (ckpt / "CKPT.yaml").write_text("si-snr: 1.5\nunixtime: 1.0\nend-of-epoch: true\n")
     torch.manual_seed(0)
     model = MossFormer2(N=32, num_layers=1).eval()
     torch.save(model.state_dict(), ckpt / "model.ckpt")
-    hub = export(str(run), str(tmp_path / "hub"), hparams=os.path.join(ROOT, "hparams", "mossformer2.yaml"))
+    hub = export(str(run), str(tmp_path / "hub"))
     text = open(os.path.join(hub, "hyperparams.yaml")).read()
-    assert re.search(r"^N: 32$", text, re.M) and re.search(r"^num_layers: 1$", text, re.M)
-    assert re.search(r"^sample_rate: 8000$", text, re.M) and re.search(r"^qk_dim: 128$", text, re.M)
+    assert re.search(r"^ +N: 32$", text, re.M) and re.search(r"^ +num_layers: 1$", text, re.M)
+    assert re.search(r"^sample_rate: 8000$", text, re.M) and re.search(r"^ +qk_dim: 128$", text, re.M)
     sep = Separator.from_hparams(source=hub, savedir=str(tmp_path / "loaded"))
     assert sep.sample_rate == 8000
     x = mix(0.4)

@@ -6,7 +6,7 @@ import soundfile as sf
 import torch
 
 from conftest import write_recorded_pieces
-from modules.music import (ChoraleDataset, Note, Renderer, chorale_parts, make_example, midi_notes,
+from modules.data.music import (ChoraleDataset, Note, Renderer, chorale_parts, make_example, midi_notes,
                            scan_stem_folder, split_pieces)
 
 
@@ -100,7 +100,7 @@ def recorded(tmp_path_factory):
 
 
 def test_recorded_pieces_give_excerpts_with_their_notes(recorded):
-    from modules.music import StemFolderDataset
+    from modules.data.music import StemFolderDataset
 
     pieces = scan_stem_folder(str(recorded))
     ds = StemFolderDataset(pieces, 6, n_instruments=2, sample_rate=16000, seed=3, max_seconds=1.5)
@@ -123,7 +123,7 @@ def test_recorded_pieces_give_excerpts_with_their_notes(recorded):
 
 
 def test_recipe_data_from_a_recorded_folder(recorded, tmp_path):
-    from modules.music import ChoraleData, StemFolderDataset
+    from modules.data.music import ChoraleData, StemFolderDataset
 
     sets = ChoraleData(cache_folder=str(tmp_path), n_train=2, n_valid=1, n_test=2, max_seconds=1.0,
                        stem_folder=str(recorded), valid_fraction=0.25, test_fraction=0.25).datasets()
@@ -137,7 +137,7 @@ def test_recipe_data_from_a_recorded_folder(recorded, tmp_path):
 def test_urmp_and_bach10_layouts(tmp_path):
     """The two datasets' own layouts and note files: URMP notes in (onset s, Hz, duration s),
     Bach10's aligned score in (onset ms, offset ms, MIDI pitch, channel); mixtures ignored."""
-    from modules.music import read_stem_notes
+    from modules.data.music import read_stem_notes
 
     silent = np.zeros(4800, np.float32)
     urmp = tmp_path / "urmp" / "01_Jupiter_vn_vc"

@@ -42,7 +42,7 @@ def test_debug_run_of_every_yaml(yaml, tmp_path, cache):
     log = run_recipe("train.py", yaml, out, "--debug", f"--cache_folder={cache}", *SMALL_DATA,
                      *DEBUG_OVERRIDES.get(os.path.basename(yaml), []))
     assert "SI-SNRi" in log and "NOT real speech" in log
-    from modules.memory import compact_memory_requested
+    from modules.training.memory import compact_memory_requested
 
     # a compact_memory yaml restarts itself once under the allocator settings, then runs
     assert log.count("compact_memory: restarting under") == int(compact_memory_requested(yaml, ""))
@@ -91,7 +91,7 @@ def _load_train_module():
 
 
 def test_nonfinite_loss_skips_the_update():
-    from modules.tasnet import ConvTasNet
+    from modules.models.convtasnet import ConvTasNet
 
     train = _load_train_module()
     model = ConvTasNet(N=8, L=8, B=8, H=8, Sc=8, X=1, R=1)
@@ -125,9 +125,9 @@ def test_oracle_masks_on_generated_data(tmp_path, cache):
 
 
 def test_oracle_masks_on_real_speech(librispeech, tmp_path):
-    from modules.data import SeparationData
-    from modules.metrics import separation_metrics
-    from modules.stft_mask import ideal_mask_separation
+    from modules.data.mixing import SeparationData
+    from modules.training.metrics import separation_metrics
+    from modules.models.stft_mask import ideal_mask_separation
 
     test = SeparationData(librispeech, save_folder=str(tmp_path), n_test=3, n_valid=1,
                           eval_max_seconds=3).datasets()["test"]
@@ -202,7 +202,7 @@ def test_tensorboard_logging(tmp_path, cache):
 
 
 def test_compact_memory_key_and_override(tmp_path, caplog):
-    from modules.memory import compact_memory_env, compact_memory_requested, restart_with_compact_memory
+    from modules.training.memory import compact_memory_env, compact_memory_requested, restart_with_compact_memory
 
     yaml = tmp_path / "x.yaml"
     yaml.write_text("seed: 1\ncompact_memory: True   # comment\n")

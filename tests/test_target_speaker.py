@@ -15,8 +15,10 @@ import torch
 import yaml as pyyaml
 
 from conftest import ROOT, write_tone_corpus
-from modules.data import TSEData, Utterance, draw_extraction_spec, _ENROLL_GAP
-from modules.wavlm import WavLM, tiny_wavlm_config
+from modules.data.corpora import Utterance
+from modules.data.enrolment import ENROLL_GAP, TSEData, draw_extraction_spec, enroll_gap
+from modules.data.report import report
+from modules.models.wavlm import WavLM, tiny_wavlm_config
 
 RECIPE = os.path.join(ROOT, "recipes", "target_speaker")
 YAMLS = sorted(glob.glob(os.path.join(RECIPE, "hparams", "*.yaml")))
@@ -74,7 +76,7 @@ def test_enrolment_from_the_same_utterance_never_overlaps_the_target(segment_sec
         enroll = (spec.enroll_start, spec.enroll_start + spec.enroll_length)
         assert 0 <= target[0] and target[1] <= frames and 0 <= enroll[0] and enroll[1] <= frames
         gap = max(enroll[0] - target[1], target[0] - enroll[1])
-        assert gap >= _ENROLL_GAP, (spec, frames)
+        assert gap >= ENROLL_GAP, (spec, frames)
         assert spec.enroll_length >= min(16000, frames // 2)
 
 
@@ -91,7 +93,8 @@ def test_enrolment_from_another_utterance_when_there_is_one():
 
 
 def test_tse_data_items_splits_and_fixed_sets(corpus, tmp_path, caplog):
-    kw = dict(save_folder=str(tmp_path / "a"), sample_rate=8000, segment_seconds=1.0, n_valid=3,
+    kw = dict(save_folder=str(tmp_path / "a"), cache_folder=str(tmp_path / "cache"),
+              sample_rate=8000, segment_seconds=1.0, n_valid=3,
               n_test=3, train_mixtures_per_epoch=4, enroll_seconds=0.8)
     with caplog.at_level("INFO"):
         sets = TSEData(corpus, **kw).datasets()
@@ -133,25 +136,56 @@ def test_tse_lists_are_read(tmp_path):
     # the report counts rows, flags an enrolment that is the target file, names missing entries
     with open(tmp_path / "test.csv", "a", newline="") as f:
         f.write("ex2,mix0.wav,s10.wav,s10.wav\nex3,gone.wav,s10.wav,enroll0.wav\n")
-    report = TSEData(tse_lists=str(tmp_path), save_folder=str(tmp_path / "save"),
-                     sample_rate=8000).report()
-    test_line = next(line for line in report.splitlines() if line.startswith("test "))
+    text = report(TSEData(tse_lists=str(tmp_path), save_folder=str(tmp_path / "save"),
+                          sample_rate=8000))
+    test_line = next(line for line in text.splitlines() if line.startswith("test "))
     assert test_line.split()[1] == "3" and test_line.split()[-1] == "1"
-    assert "missing entries: 1" in report and "gone.wav" in report
+    assert "missing entries: 1" in text and "gone.wav" in text
 
 
 def test_report_on_generated_tse_data(tmp_path):
     """Speakers with one utterance each: every enrolment is cut from the target's own
     utterance, and the report shows that none comes closer to its target crop than the gap."""
     folder = write_tone_corpus(str(tmp_path / "one_each"), n_speakers=9, utts=1, seconds=3.0)
-    report = TSEData(folder, save_folder=str(tmp_path / "save"), sample_rate=8000, n_valid=4,
-                     n_test=4, segment_seconds=1.0, enroll_seconds=1.0,
-                     min_enroll_seconds=0.5).report(n_train_samples=20)
-    lines = report.split("enrolments:")[1].strip().splitlines()
+    text = report(TSEData(folder, save_folder=str(tmp_path / "save"),
+                          cache_folder=str(tmp_path / "cache"), sample_rate=8000, n_valid=4,
+                          n_test=4, segment_seconds=1.0, enroll_seconds=1.0,
+                          min_enroll_seconds=0.5), n_train_samples=20)
+    lines = text.split("enrolments:")[1].strip().splitlines()
     assert [line.split()[0] for line in lines] == ["train", "valid", "test"]
     for line, n in zip(lines, (20, 4, 4)):
         assert f"{{'same-utterance': {n}}}" in line
-        assert int(re.search(r"closest to its target crop: (\d+) samples", line).group(1)) >= _ENROLL_GAP
+        assert int(re.search(r"closest to its target crop: (\d+) samples", line).group(1)) >= ENROLL_GAP
+
+
+def test_enrolment_per_speaker_when_corpora_are_pooled(tmp_path):
+    """LibriSpeech-like corpus A (one utterance per speaker) with corpus B (several per speaker,
+    as speechocean762): B's targets are enrolled with another utterance, A's with a crop of the
+    target's own utterance that does not overlap the target crop."""
+    a = write_tone_corpus(str(tmp_path / "A"), n_speakers=6, utts=1, seconds=3.0)
+    b = write_tone_corpus(str(tmp_path / "B"), n_speakers=6, utts=3, seconds=2.0)
+    data = TSEData([a, b], save_folder=str(tmp_path / "s"), cache_folder=str(tmp_path / "cache"),
+                   sample_rate=8000, segment_seconds=1.0, enroll_seconds=1.0, min_enroll_seconds=0.5,
+                   n_valid=20, n_test=20, train_mixtures_per_epoch=20, valid_fraction=0.34,
+                   test_fraction=0.34)
+    sets = data.datasets()
+    modes = set()
+    for split in ("train", "valid", "test"):
+        ds = sets[split]
+        for i in range(len(ds)):
+            spec = ds.spec(i)
+            target = ds.utts[spec.utts[0]]
+            enroll = ds.utts[spec.enroll_utt]
+            assert enroll.speaker == target.speaker
+            if target.speaker.startswith("B:"):
+                assert spec.enroll_mode == "other-utterance" and enroll.id != target.id
+            else:
+                assert spec.enroll_mode == "same-utterance" and enroll.id == target.id
+                assert enroll_gap(spec, target, 8000) >= ENROLL_GAP
+            modes.add(spec.enroll_mode)
+    assert modes == {"other-utterance", "same-utterance"}
+    item = sets["test"][0]
+    assert torch.allclose(item["mix"], item["target"] + item["interferer"], atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -183,6 +217,22 @@ def test_debug_run_of_every_yaml(yaml, tmp_path, corpus, tiny_wavlm_folder):
     example = tmp_path / "out" / "examples" / rows[0]["snt_id"]
     for name in ("mixture", "enrollment", "estimate", "target"):
         assert (example / f"{name}.wav").exists()
+
+
+def test_debug_run_on_two_corpora_from_the_command_line(tmp_path):
+    """`--data_folder=[a, b]` (a YAML list through SpeechBrain's overrides): a one-utterance
+    corpus and a several-utterance one give both kinds of enrolment in one run."""
+    a = write_tone_corpus(str(tmp_path / "A"), n_speakers=6, utts=1, seconds=3.0)
+    b = write_tone_corpus(str(tmp_path / "B"), n_speakers=6, utts=3, seconds=2.0)
+    yaml = os.path.join(RECIPE, "hparams", "wavlm_tasnet-tiny.yaml")
+    run_recipe(yaml, tmp_path / "out", "--debug", "--debug_batches=4", "--debug_epochs=1",
+               f"--data_folder=[{a}, {b}]", f"--cache_folder={tmp_path / 'cache'}",
+               *SMALL_DATA)
+    saved = json.loads((tmp_path / "out" / "test_summary.json").read_text())
+    assert saved["data_folder"] == [a, b]
+    with open(tmp_path / "out" / "test_results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["enroll_mode"] for r in rows} == {"other-utterance", "same-utterance"}
 
 
 def test_every_switch_is_a_yaml_key():
@@ -226,7 +276,7 @@ def test_inference_yamls_match_their_recipes():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, corpus):
-    from modules.export import export
+    from modules.serving.export import export
 
     base = tmp_path_factory.mktemp("tse_export")
     yaml = os.path.join(RECIPE, "hparams", "wavlm_dynamic_tasnet-tiny.yaml")
@@ -242,7 +292,7 @@ def exported(tmp_path_factory, corpus):
 def test_export_round_trip(exported, tmp_path):
     from hyperpyyaml import load_hyperpyyaml
 
-    from modules.inference import TargetSpeakerExtractor
+    from modules.serving.inference import TargetSpeakerExtractor
 
     hub, ckpt, _ = exported
     assert sorted(os.listdir(hub)) == ["README.md", "hyperparams.yaml", "model.ckpt"]
@@ -268,8 +318,8 @@ def test_export_round_trip(exported, tmp_path):
 
 
 def test_extract_file_resamples_and_downmixes(exported, tmp_path, caplog):
-    from modules.audio import AudioError
-    from modules.inference import TargetSpeakerExtractor
+    from modules.data.audio import AudioError
+    from modules.serving.inference import TargetSpeakerExtractor
 
     hub, _, _ = exported
     tse = TargetSpeakerExtractor.from_hparams(source=str(hub), savedir=str(tmp_path / "loaded"))
@@ -290,7 +340,7 @@ def test_extract_file_resamples_and_downmixes(exported, tmp_path, caplog):
 
 
 def test_cli(exported, tmp_path):
-    from modules.extract import main
+    from modules.serving.extract import main
 
     hub, _, _ = exported
     rng = np.random.default_rng(1)
@@ -303,5 +353,6 @@ def test_cli(exported, tmp_path):
     args = ["--enroll", str(tmp_path / "enroll.wav"), "--model", str(hub), "--out", str(tmp_path / "out")]
     assert main(["--mix", str(folder / "m0.wav"), *args]) == 0
     assert (tmp_path / "out" / "m0_target.wav").exists()
-    assert main(["--mix", str(folder), *args]) == 1  # the broken file is reported, the others done
+    assert main(["--mix", str(folder), *args]) == 2  # m0_target.wav exists: refused, nothing run
+    assert main(["--mix", str(folder), *args, "--overwrite"]) == 1  # broken reported, others done
     assert (tmp_path / "out" / "m1_target.wav").exists()

@@ -5,8 +5,8 @@ import torch
 from hyperpyyaml import load_hyperpyyaml
 
 from conftest import ROOT
-from modules.tasnet import (TCN, ChannelLayerNorm, ConvTasNet, CumulativeLayerNorm,
-                            GlobalLayerNorm, receptive_field)
+from modules.models.base import ChannelLayerNorm, CumulativeLayerNorm, GlobalLayerNorm
+from modules.models.convtasnet import TCN, ConvTasNet, receptive_field
 
 TINY = dict(N=16, L=8, B=8, H=16, Sc=8, P=3, X=3, R=2)
 CONFIGS = {

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, write_recorded_pieces
-from modules.music import Renderer, chorale_parts, make_example
-from modules.timbre import (NoteFrontEnd, TimbreNet, evaluate_example, midi_hz, note_f1,
+from modules.data.music import Renderer, chorale_parts, make_example
+from modules.models.timbre import (NoteFrontEnd, TimbreNet, evaluate_example, midi_hz, note_f1,
                             roll_to_notes, semitone_filterbank, unit_targets)
 
 SR = 16000
@@ -150,21 +150,22 @@ def test_recipe_on_a_folder_of_recorded_pieces(tmp_path):
 
 
 def test_export_round_trip(example, tmp_path, capsys):
-    """modules.export turns the run into a hub folder (with the run's sizes) that
+    """modules.serving.export turns the run into a hub folder (with the run's sizes) that
     TimbreTranscriber loads and that computes what the run's best checkpoint computes."""
-    from modules.export import best_checkpoint, main as export_main
-    from modules.inference import TimbreTranscriber
+    from modules.serving.export import main as export_main
+    from modules.training.brain import best_checkpoint
+    from modules.serving.inference import TimbreTranscriber
 
     out, proc = run_recipe(tmp_path / "timbre", "--number_of_epochs=1")  # --debug saves no checkpoint
     assert proc.returncode == 0, proc.stderr[-3000:]
     hub = tmp_path / "hub"
     assert export_main([str(out), str(hub)]) == 0
     text = (hub / "hyperparams.yaml").read_text()
-    assert "\nchannels: 16\n" in text and "\nblocks: 2\n" in text
+    assert "\n        channels: 16\n" in text and "\n        blocks: 2\n" in text  # the run's sizes
     card = (hub / "README.md").read_text()
     assert "TimbreTranscriber" in card and "| test2 | 1 |" in card and "| test3 | 1 |" in card
     tr = TimbreTranscriber.from_hparams(source=str(hub), savedir=str(tmp_path / "saved"))
-    ckpt = os.path.join(best_checkpoint(str(out), "instrument_onset_f1"), "model.ckpt")
+    ckpt = os.path.join(best_checkpoint(str(out / "save"), "instrument_onset_f1"), "model.ckpt")
     model = TimbreNet(channels=16, blocks=2)
     model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
     model.eval()
@@ -175,12 +176,12 @@ def test_export_round_trip(example, tmp_path, capsys):
     # TorchScript/ONNX deployment is for separation models: a clear refusal, the folder kept
     assert export_main([str(out), str(tmp_path / "hub2"), "--deploy"]) == 2
     assert "separation models only" in capsys.readouterr().err
-    assert (tmp_path / "hub2" / "model.ckpt").exists()
+    assert (tmp_path / "hub2" / "model.safetensors").exists()
 
 
 @pytest.fixture(scope="module")
 def transcriber(tmp_path_factory):
-    from modules.inference import TimbreTranscriber
+    from modules.serving.inference import TimbreTranscriber
 
     base = tmp_path_factory.mktemp("timbre_hub")
     text = open(os.path.join(ROOT, "hparams", "timbre.yaml")).read()
@@ -218,7 +219,7 @@ def test_transcriber_round_trip(transcriber, example, tmp_path):
 def test_transcribe_cli(transcriber, example, tmp_path, capsys):
     import soundfile as sf
 
-    from modules.transcribe import main
+    from modules.serving.transcribe import main
 
     _, hub, _ = transcriber
     folder = tmp_path / "in"

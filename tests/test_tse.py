@@ -1,4 +1,4 @@
-"""Target-speaker extraction models (modules/tse.py): speaker side, frame bookkeeping, and one test
+"""Target-speaker extraction models (modules/models/tse.py): speaker side, frame bookkeeping, and one test
 per fix of the reference's weak points (fp16-safe bias, all-masked fallback, soft QKb, position
 bias after the sequence switch, batches of different enrolment/mixture lengths)."""
 
@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from modules.tse import (MHFA, LayerWeights, SpeakerFusion, WavLMDynamicTasNet, WavLMTasNet,
+from modules.models.tse import (MHFA, LayerWeights, SpeakerFusion, WavLMDynamicTasNet, WavLMTasNet,
                          align_frames, mean_pooling, qkb_key_bias, qkb_scores, sequence_layout)
-from modules.wavlm import WavLM, mask_value, segment_attention_bias, tiny_wavlm_config
+from modules.models.wavlm import WavLM, mask_value, segment_attention_bias, tiny_wavlm_config
 
 SR = 8000
 # tiny WavLM with 20 ms frames at 8 kHz (stride 160), as the tiny recipe yamls

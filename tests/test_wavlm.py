@@ -1,5 +1,6 @@
-"""WavLM lobe (modules/wavlm.py): layer-by-layer run vs transformers, extra attention biases,
-relative position bias, freezing, loading from an HF folder and from a unilm checkpoint."""
+"""WavLM lobe (modules/models/wavlm.py): layer-by-layer run vs transformers, extra attention biases,
+relative position bias, freezing, loading from an HF folder and from a unilm checkpoint
+(modules/convert/fairseq.py)."""
 
 import argparse
 import json
@@ -9,13 +10,11 @@ import pickle
 import pytest
 import torch
 
-from modules.wavlm import (
+from modules.convert.fairseq import convert_fairseq_wavlm, load_fairseq_wavlm, parse_conv_feature_layers, wavlm_lobe
+from modules.models.wavlm import (
     WavLM,
     attention_bias_from_mask,
-    convert_fairseq_wavlm,
-    load_fairseq_wavlm,
     mask_value,
-    parse_conv_feature_layers,
     segment_attention_bias,
     tiny_wavlm_config,
 )
@@ -332,13 +331,15 @@ def test_fairseq_checkpoint_converts_to_identical_model(variant, tmp_path):
     wav, lengths, _ = padded_batch()
     expected = original(wav, lengths.float() / wav.shape[1])
     assert max_diff(rebuilt(wav, lengths.float() / wav.shape[1]), expected) == 0.0
-    # the same through a checkpoint file and WavLM(source=...)
+    # the same through a checkpoint file and wavlm_lobe(...)
     path = tmp_path / "WavLM-tiny.pt"
     torch.save({"cfg": cfg, "model": state}, path)
-    from_file = WavLM(source=str(path))
+    from_file = wavlm_lobe(str(path))
     assert from_file.normalize_wav == cfg["normalize"]
     if not from_file.normalize_wav:
         assert max_diff(from_file(wav, lengths.float() / wav.shape[1]), expected) == 0.0
+    with pytest.raises(ValueError, match="wavlm_lobe"):
+        WavLM(source=str(path))
 
 
 def test_fairseq_conversion_names_missing_and_unexpected_keys():

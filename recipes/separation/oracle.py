@@ -27,8 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from modules.metrics import METRIC_NAMES, separation_metrics  # noqa: E402
-from modules.stft_mask import ideal_mask_separation  # noqa: E402
+from modules.training.metrics import METRIC_NAMES, separation_metrics  # noqa: E402
+from modules.models.stft_mask import ideal_mask_separation  # noqa: E402
 
 MASKS = ("ibm", "irm")
 

@@ -8,10 +8,10 @@ Usage::
 
 Any yaml key can be overridden on the command line. Without ``--data_folder`` a synthetic
 speech-like corpus is generated (not real speech). The model is whatever ``model`` the yaml
-builds: anything that maps a mixture ``[batch, time]`` to ``[batch, time, n_src]``. Training
-minimises the negative SI-SNR with permutation-invariant training, unless the model sets
-``trains_itself`` (deep clustering): then ``model(mix, sources)`` returns its own loss per
-mixture during training, and validation/test score its separations like any other model's. The test stage writes
+builds: an :class:`~modules.models.base.EncoderMaskerDecoder`, which maps a mixture
+``[batch, time]`` to ``[batch, time, n_src]`` and, given the sources, returns its own training
+loss per mixture (negative PIT SI-SNR by default; deep clustering has its own). Validation and
+test score the separations of every model the same way. The test stage writes
 ``test_results.csv`` (one row per mixture), ``test_summary.json``, and a few example
 separations (WAV + spectrogram PNG) under ``<output_folder>/examples``.
 """
@@ -29,10 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:  # `import modules` without installing the project
     sys.path.insert(0, ROOT)
 
-from modules.audio import match_level, plot_separation, write_audio  # noqa: E402
-from modules.brain import BaseBrain, train_and_test  # noqa: E402
-from modules.losses import pit_si_snr_loss  # noqa: E402
-from modules.metrics import METRIC_NAMES, separation_metrics  # noqa: E402
+from modules.data.audio import match_level, plot_separation, write_audio  # noqa: E402
+from modules.training.brain import BaseBrain, train_and_test  # noqa: E402
+from modules.models.losses import pit_si_snr_loss  # noqa: E402
+from modules.training.metrics import METRIC_NAMES, separation_metrics  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -45,22 +45,17 @@ class SeparationBrain(BaseBrain):
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
         self._batch_ids = batch.id
-        model = self.modules.model
-        if stage == sb.Stage.TRAIN and getattr(getattr(model, "module", model), "trains_itself", False):
-            # a model with its own training objective (e.g. deep clustering) returns its loss
-            # per mixture when given the sources; it still separates like any other at test
-            return {"loss": model(batch.mix.data, batch.sources.data)}
-        return model(batch.mix.data)
+        if stage == sb.Stage.TRAIN:  # the model's own objective, loss per mixture
+            return self.modules.model(batch.mix.data, batch.sources.data)
+        return self.modules.model(batch.mix.data)
 
-    def compute_objectives(self, est, batch, stage):
-        if isinstance(est, dict):
-            return est["loss"].mean()
+    def compute_objectives(self, out, batch, stage):
+        if stage == sb.Stage.TRAIN:
+            return out.mean()
         ref = batch.sources.data.float()
-        est = est.float()
-        loss = pit_si_snr_loss(est, ref)
-        if stage != sb.Stage.TRAIN:
-            self._score(batch, est.detach(), ref, stage)
-        return loss.mean()
+        est = out.float()
+        self._score(batch, est.detach(), ref, stage)
+        return pit_si_snr_loss(est, ref).mean()
 
     def _score(self, batch, est, ref, stage):
         mix = batch.mix.data.float()

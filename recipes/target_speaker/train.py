@@ -9,7 +9,7 @@ Usage::
 
 Any yaml key can be overridden on the command line. Each example is a mixture of ``num_spks``
 speakers, the first being the target, and an enrolment utterance of the target speaker (see
-``modules.data.TSEData``: another utterance of the speaker when the corpus has one, else a
+``modules.data.enrolment.TSEData``: another utterance of the speaker when the corpus has one, else a
 non-overlapping crop of the target's own utterance). The model is whatever ``model`` the yaml
 builds: ``model(mix, enroll, mix_lens, enroll_lens) -> [batch, time]``. Training minimises the
 negative SI-SDR against the target (no PIT). The test stage writes ``test_results.csv`` (SI-SDR,
@@ -32,10 +32,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:  # `import modules` without installing the project
     sys.path.insert(0, ROOT)
 
-from modules.audio import match_level, write_audio  # noqa: E402
-from modules.brain import BaseBrain, train_and_test  # noqa: E402
-from modules.losses import si_snr  # noqa: E402
-from modules.tse import EXTRACTION_METRICS, extraction_metrics  # noqa: E402
+from modules.data.audio import match_level, write_audio  # noqa: E402
+from modules.training.brain import BaseBrain, train_and_test  # noqa: E402
+from modules.models.losses import si_snr  # noqa: E402
+from modules.models.tse import EXTRACTION_METRICS, extraction_metrics  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

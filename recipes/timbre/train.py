@@ -6,7 +6,7 @@ Usage::
     python recipes/timbre/train.py recipes/timbre/hparams/timbre.yaml [--max_train_minutes=30]
 
 Training examples are mixtures of ``train_instruments`` instruments rendered from Bach chorales
-(see modules/music.py), drawn anew every epoch. The loss is deep clustering on the active
+(see modules/data/music.py), drawn anew every epoch. The loss is deep clustering on the active
 (pitch, frame) units (instrument = the stem with most energy in the unit) + focal losses on the
 instrument-agnostic note and onset posteriors, balanced by ``balancer``. The test stage scores
 each test set (``test2``, ``test3``: 2- and 3-instrument mixtures of unseen chorales) with
@@ -28,9 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from modules.brain import BaseBrain, train_and_test  # noqa: E402
-from modules.clustering import deep_clustering_loss, focal_loss  # noqa: E402
-from modules.timbre import evaluate_example, plot_example, unit_targets  # noqa: E402
+from modules.training.brain import BaseBrain, train_and_test  # noqa: E402
+from modules.models.clustering import deep_clustering_loss, focal_loss  # noqa: E402
+from modules.models.timbre import evaluate_example, plot_example, unit_targets  # noqa: E402
 
 logger = logging.getLogger(__name__)
 METRICS = ["agnostic_onset_f1", "agnostic_offset_f1", "instrument_onset_f1",

@@ -40,8 +40,9 @@ from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.utils.checkpoints import (Checkpointer, mark_as_loader, mark_as_saver,
                                            register_checkpoint_hooks)
 from speechbrain.utils.epoch_loop import EpochCounter
+from safetensors.torch import load_file as load_safetensors
 
-from .memory import compact_memory_requested, restart_with_compact_memory
+from modules.training.memory import compact_memory_requested, restart_with_compact_memory
 
 logger = logging.getLogger(__name__)
 
@@ -95,34 +96,82 @@ class SafeCheckpointer(Checkpointer):
         return super().recover_if_possible(*args, **kwargs)
 
 
+def load_weights(module: torch.nn.Module, path, strict: bool = True):
+    """Load a state dict into ``module`` from a safetensors file or a PyTorch file (read with
+    ``weights_only=True``; nothing in it is executed)."""
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic in (b"PK", b"\x80\x02"):  # torch.save's zip format, or a legacy pickle
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        state = load_safetensors(str(path), device="cpu")
+    return module.load_state_dict(state, strict=strict)
+
+
+def weights_file(source: str, metric: str = "si-snr", mode: str = "max") -> str:
+    """The model weights that ``source`` names: a weights file, an exported model folder
+    (``model.safetensors`` or ``model.ckpt``), a checkpoint folder (``CKPT+*``), or a training
+    output folder (its best complete checkpoint by ``metric``)."""
+    if os.path.isfile(source):
+        return source
+    for name in ("model.safetensors", "model.ckpt"):
+        if os.path.isfile(os.path.join(source, name)):
+            return os.path.join(source, name)
+    if os.path.isdir(os.path.join(source, "save")):
+        return os.path.join(best_checkpoint(os.path.join(source, "save"), metric, mode), "model.ckpt")
+    raise FileNotFoundError(f"init_from={source!r} names no weights: give a weights file, an "
+                            "exported model folder, a checkpoint folder or a training output folder")
+
+
+def best_checkpoint(save_folder: str, metric: str = "si-snr", mode: str = "max") -> str:
+    """Folder of the best complete checkpoint in ``save_folder`` by ``metric`` (``mode``: max or
+    min), as recovery finds it: checkpoints whose writing was interrupted are never chosen."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    ckpt = None
+    if os.path.isdir(save_folder):
+        ckpt = SafeCheckpointer(save_folder).find_checkpoint(**{f"{mode}_key": metric})
+    if ckpt is None:
+        raise FileNotFoundError(f"no complete checkpoint with a '{metric}' value in {save_folder}; "
+                                "train first (recipes/<task>/train.py) or check the folder")
+    return str(ckpt.path)
+
+
 @register_checkpoint_hooks
 class BudgetedEpochCounter(EpochCounter):
-    """Epoch counter that also stops once ``max_minutes`` of wall time have been spent.
+    """Epoch counter that also stops once ``max_minutes`` of wall time have been spent,
+    validation included.
 
-    :class:`BaseBrain` also checks it before every training batch: the epoch in which the budget
-    runs out stops early, is validated and checkpointed, and training ends. The time spent is saved in checkpoints: a resumed run continues the same budget
-    (time between the interruption and the restart does not count). ``max_minutes <= 0`` means
-    no time limit.
+    :class:`BaseBrain` also checks it before every training batch: training stops while there is
+    still time for the validation pass that follows (:attr:`reserve_seconds`, the duration of the
+    last validation pass, or an estimate before the first), then that epoch is validated and
+    checkpointed, and training ends. The time spent is saved in checkpoints: a resumed run
+    continues the same budget (time between the interruption and the restart does not count).
+    ``max_minutes <= 0`` means no time limit.
     """
 
     def __init__(self, limit: int, max_minutes: float = 0):
         super().__init__(limit)
         self.max_minutes = float(max_minutes or 0)
         self.elapsed = 0.0
+        self.reserve_seconds = 0.0
+        self.clock = time.monotonic
         self._last = None
 
     def _tick(self):
-        now = time.monotonic()
+        now = self.clock()
         if self._last is not None:
             self.elapsed += now - self._last
         self._last = now
 
     @property
     def budget_exhausted(self) -> bool:
+        """True once the time spent plus :attr:`reserve_seconds` reaches the budget."""
         self._tick()
-        return self.max_minutes > 0 and self.elapsed >= 60 * self.max_minutes
+        return self.max_minutes > 0 and self.elapsed + self.reserve_seconds >= 60 * self.max_minutes
 
     def __next__(self):
+        self.reserve_seconds = 0.0  # between epochs nothing more has to fit
         if any_process(self.budget_exhausted):
             logger.info("time budget of %.1f min spent (%.1f min): stopping training",
                         self.max_minutes, self.elapsed / 60)
@@ -161,15 +210,36 @@ class BaseBrain(sb.Brain):
 
     def fit(self, epoch_counter, train_set, valid_set=None, **kwargs):
         self._train_dataset = train_set
+        self._valid_set = valid_set
+        self._valid_batch_size = (kwargs.get("valid_loader_kwargs") or {}).get("batch_size", 1)
         return super().fit(epoch_counter, train_set, valid_set, **kwargs)
+
+    #: before the first validation pass, its duration is estimated as this many training steps
+    #: per validation batch (a forward pass on one longer mixture against a training step on a
+    #: batch of crops)
+    FIRST_VALID_STEPS_PER_BATCH = 0.5
 
     @property
     def _optimizer_step_limit_exceeded(self):
         # speechbrain checks this before every training batch and after every epoch
         counter = getattr(self.hparams, "epoch_counter", None)
-        if isinstance(counter, BudgetedEpochCounter) and any_process(counter.budget_exhausted):
-            return True
+        if isinstance(counter, BudgetedEpochCounter) and counter.max_minutes > 0:
+            counter.reserve_seconds = self._expected_valid_seconds(counter)
+            if any_process(counter.budget_exhausted):
+                return True
         return sb.Brain._optimizer_step_limit_exceeded.fget(self)
+
+    def _expected_valid_seconds(self, counter) -> float:
+        if getattr(self, "_valid_seconds", None) is not None:
+            return self._valid_seconds
+        steps = getattr(self, "step", 0)
+        start = getattr(self, "_train_start", None)
+        n_valid = len(self._valid_set) if getattr(self, "_valid_set", None) is not None else 0
+        if not steps or start is None or not n_valid:
+            return 0.0
+        per_step = (counter.clock() - start) / steps
+        batch = getattr(self, "_valid_batch_size", 1)
+        return per_step * self.FIRST_VALID_STEPS_PER_BATCH * -(-n_valid // batch)
 
     def on_fit_start(self):
         super().on_fit_start()
@@ -197,6 +267,12 @@ class BaseBrain(sb.Brain):
         self.stage_metrics = {}
         self.stage_count = 0
         self.test_rows = []
+        counter = getattr(self.hparams, "epoch_counter", None)
+        clock = getattr(counter, "clock", time.monotonic)
+        if stage == sb.Stage.TRAIN:
+            self._train_start = clock()
+        elif stage == sb.Stage.VALID:
+            self._valid_start = clock()
         if stage == sb.Stage.TRAIN and hasattr(getattr(self, "_train_dataset", None), "set_epoch"):
             self._train_dataset.set_epoch(epoch)
 
@@ -225,16 +301,22 @@ class BaseBrain(sb.Brain):
             self._log_tensorboard("train", stats, epoch)
             return
         if stage == sb.Stage.VALID:
-            lr = self.optimizer.param_groups[0]["lr"]
+            counter = getattr(self.hparams, "epoch_counter", None)
+            self._valid_seconds = getattr(counter, "clock", time.monotonic)() - self._valid_start
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
             metric = self.hparams.valid_metric
+            meta = {"epoch": epoch, "lr": lr}
             if hasattr(self.hparams, "lr_scheduler"):
-                # The scheduler minimises: give it a loss-like value.
+                # The scheduler minimises: give it a loss-like value. It only returns the next
+                # rate; setting it on the optimizer is ours to do.
                 value = stats[metric] if self.hparams.valid_metric_mode == "min" else -stats[metric]
-                _, lr = self.hparams.lr_scheduler([self.optimizer], epoch, value)
+                _, next_lr = self.hparams.lr_scheduler([self.optimizer], epoch, value)
+                sb.nnet.schedulers.update_learning_rate(self.optimizer, next_lr)
+                meta["next_lr"] = next_lr
             self._log_tensorboard("valid", {**stats, "lr": lr}, epoch)
             if hasattr(self.hparams, "train_logger"):
                 self.hparams.train_logger.log_stats(
-                    stats_meta={"epoch": epoch, "lr": lr},
+                    stats_meta=meta,
                     train_stats=getattr(self, "train_stats", None), valid_stats=stats)
             if self.checkpointer is not None:
                 keys = {f"{self.hparams.valid_metric_mode}_keys": [metric]}
@@ -323,6 +405,11 @@ def setup_recipe(brain_class, argv=None):
         hparams = load_hyperpyyaml(f, overrides)
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
                                    hyperparams_to_save=hparams_file, overrides=overrides)
+    if hparams.get("init_from"):  # fine-tuning: start from other weights (a resume still wins)
+        path = weights_file(str(hparams["init_from"]), hparams.get("valid_metric", "si-snr"),
+                            hparams.get("valid_metric_mode", "max"))
+        load_weights(hparams["model"], path, strict=bool(hparams.get("init_strict", True)))
+        logger.info("model initialised from %s", path)
     run_on_main(hparams["data"].datasets)
     sets = hparams["data"].datasets()
     brain = brain_class(modules=hparams["modules"], opt_class=hparams["optimizer"], hparams=hparams,

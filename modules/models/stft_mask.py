@@ -1,6 +1,6 @@
 """STFT-mask family: a recurrent magnitude-mask baseline and the oracle (ideal) masks.
 
-The baseline plugs into :class:`modules.tasnet.EncoderMaskerDecoder`: the encoder is the STFT
+The baseline plugs into :class:`modules.models.base.EncoderMaskerDecoder`: the encoder is the STFT
 (complex ``[batch, F, frames]``), the masker predicts one real mask per source from the log
 magnitude with a (B)LSTM, the masks multiply the complex mixture spectrum (the mixture phase is
 kept) and the decoder is the inverse STFT. Trained with SI-SNR + PIT like every other model here.
@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .tasnet import EncoderMaskerDecoder, mask_activation
+from modules.models.base import EncoderMaskerDecoder, mask_activation
+from modules.models.clustering import deep_clustering_loss, kmeans
 
 
 def _window(n_fft, like):
@@ -102,30 +103,20 @@ def ideal_mask_separation(mix: torch.Tensor, sources: torch.Tensor, kind: str = 
     return dec(masks * X.unsqueeze(0), mix.shape[-1]).T
 
 
-class DeepClusteringNet(nn.Module):
-    """Deep clustering separation (Hershey, Chen, Le Roux & Watanabe, ICASSP 2016).
+class ClusteringMasker(nn.Module):
+    """Deep-clustering masker: a BLSTM maps the log magnitude of the mixture STFT to a unit-norm
+    ``emb_dim``-dimensional embedding per time-frequency unit; k-means over the embeddings of the
+    active units (within ``active_db`` of the item's loudest unit) gives every unit to its nearest
+    centroid. Complex ``[batch, F, frames]`` -> binary masks ``[batch, n_src, F, frames]``."""
 
-    A BLSTM maps the log magnitude of the mixture STFT to a unit-norm ``emb_dim``-dimensional
-    embedding per time-frequency unit. Training (``forward(mix, sources)``, how the separation
-    recipe trains any model that sets ``trains_itself``) returns the deep-clustering loss
-    ``||VV^T - YY^T||^2`` per item (low-rank form, :func:`modules.clustering.deep_clustering_loss`),
-    Y being the ideal binary assignment of each unit to its loudest source, over the units
-    within ``active_db`` of the item's loudest unit. Separation (``forward(mix)``) clusters the
-    embeddings of the active units into ``n_src`` groups with k-means, gives every unit to its
-    nearest centroid, and applies the binary masks to the mixture STFT: ``[batch, time, n_src]``.
-    """
-
-    trains_itself = True
-
-    def __init__(self, n_fft=256, hop_length=64, hidden=300, layers=2, emb_dim=20, n_src=2,
-                 active_db=-40.0, dropout=0.0, seed=0):
+    def __init__(self, n_freq, hidden=300, layers=2, emb_dim=20, n_src=2, active_db=-40.0,
+                 dropout=0.0, seed=0):
         super().__init__()
-        self.encoder, self.decoder = STFTEncoder(n_fft, hop_length), ISTFTDecoder(n_fft, hop_length)
         self.n_freq, self.emb_dim, self.n_src, self.active_db, self.seed = (
-            n_fft // 2 + 1, emb_dim, n_src, active_db, seed)
-        self.rnn = nn.LSTM(self.n_freq, hidden, layers, batch_first=True, dropout=dropout,
+            n_freq, emb_dim, n_src, active_db, seed)
+        self.rnn = nn.LSTM(n_freq, hidden, layers, batch_first=True, dropout=dropout,
                            bidirectional=True)
-        self.proj = nn.Linear(2 * hidden, self.n_freq * emb_dim)
+        self.proj = nn.Linear(2 * hidden, n_freq * emb_dim)
 
     def embed(self, spec):
         """Complex STFT ``[B, F, T]`` -> unit-norm embeddings ``[B, T * F, D]`` (time-major)."""
@@ -138,21 +129,8 @@ class DeepClusteringNet(nn.Module):
         db = 20 * torch.log10(spec.abs().transpose(1, 2).flatten(1) + 1e-8)
         return db > db.amax(1, keepdim=True) + self.active_db
 
-    def forward(self, mix, sources=None):
-        spec = self.encoder(mix)
-        v = self.embed(spec)
-        if sources is not None:
-            from .clustering import deep_clustering_loss
-
-            s = self.encoder(sources.transpose(1, 2).flatten(0, 1)).abs()          # [B*S, F, T]
-            s = s.view(mix.shape[0], -1, *s.shape[1:])
-            owner = s.argmax(1).transpose(1, 2).flatten(1)                         # [B, T*F]
-            return deep_clustering_loss(v.float(), owner, self.active(spec).float())
-        return self.separate(spec, v, mix.shape[-1])
-
-    def separate(self, spec, v, length):
-        from .clustering import kmeans
-
+    def cluster(self, spec, v):
+        """Binary masks ``[B, n_src, F, T]`` from k-means over the embeddings ``v [B, T * F, D]``."""
         out = []
         for b in range(spec.shape[0]):
             act = self.active(spec[b:b + 1])[0]
@@ -160,6 +138,34 @@ class DeepClusteringNet(nn.Module):
             _, centroids, _ = kmeans(points.float(), self.n_src, seed=self.seed)
             labels = torch.cdist(v[b].float(), centroids).argmin(1)                # every unit
             masks = torch.nn.functional.one_hot(labels, self.n_src).T.float()      # [S, T*F]
-            masks = masks.view(self.n_src, spec.shape[2], self.n_freq).transpose(1, 2)
-            out.append(self.decoder(masks * spec[b:b + 1], length).T)              # [time, S]
+            out.append(masks.view(self.n_src, spec.shape[2], self.n_freq).transpose(1, 2))
         return torch.stack(out)
+
+    def forward(self, spec):
+        return self.cluster(spec, self.embed(spec))
+
+
+class DeepClusteringNet(EncoderMaskerDecoder):
+    """Deep clustering separation (Hershey, Chen, Le Roux & Watanabe, ICASSP 2016).
+
+    STFT encoder -> :class:`ClusteringMasker` (binary masks from k-means over the embeddings) ->
+    inverse STFT, ``[batch, time]`` -> ``[batch, time, n_src]``. Its training objective
+    (:meth:`training_loss`) is the deep-clustering loss ``||VV^T - YY^T||^2`` per item (low-rank
+    form, :func:`modules.models.clustering.deep_clustering_loss`), Y being the ideal binary
+    assignment of each unit to its loudest source, over the active units.
+    """
+
+    def __init__(self, n_fft=256, hop_length=64, hidden=300, layers=2, emb_dim=20, n_src=2,
+                 active_db=-40.0, dropout=0.0, seed=0):
+        super().__init__(STFTEncoder(n_fft, hop_length),
+                         ClusteringMasker(n_fft // 2 + 1, hidden, layers, emb_dim, n_src,
+                                          active_db, dropout, seed),
+                         ISTFTDecoder(n_fft, hop_length))
+
+    def training_loss(self, mix, sources):
+        spec = self.encode(mix)
+        v = self.masker.embed(spec)
+        s = self.encoder(sources.transpose(1, 2).flatten(0, 1)).abs()          # [B*S, F, T]
+        s = s.view(mix.shape[0], -1, *s.shape[1:])
+        owner = s.argmax(1).transpose(1, 2).flatten(1)                         # [B, T*F]
+        return deep_clustering_loss(v.float(), owner, self.masker.active(spec).float())

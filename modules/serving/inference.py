@@ -2,7 +2,7 @@
 
 Usage::
 
-    from modules.inference import Separator
+    from modules.serving.inference import Separator
     sep = Separator.from_hparams(source="<local folder or HF repo id>", savedir="pretrained/x")
     est = sep.separate_file("mixture.wav", output_dir="out/")   # [1, time, n_src]
     est = sep.separate_batch(mix)                               # [batch, time] -> [batch, time, n_src]
@@ -19,18 +19,98 @@ chunk at a time.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import os
+import re
 
+import pretty_midi
 import torch
+from huggingface_hub import file_exists
 from speechbrain.inference.interfaces import Pretrained
+from speechbrain.utils.fetching import fetch
+from speechbrain.utils.parameter_transfer import Pretrainer
 
-from .audio import (AudioError, check_finite, clipped_fraction, match_level, read_audio, resample,
+from modules.serving import cards
+from modules.data.audio import (AudioError, check_finite, clipped_fraction, match_level, read_audio, resample,
                     wav_truncation, write_audio)
-from .losses import best_permutation, pairwise_si_snr, reorder
-from .memory import reuse_freed_memory
+from modules.models.clustering import cluster_units
+from modules.models.losses import best_permutation, pairwise_si_snr, reorder
+from modules.models.timbre import plot_example, roll_to_notes
+from modules.models.tse import receptive_field_samples
+from modules.training.brain import load_weights
+from modules.training.memory import reuse_freed_memory
 
 logger = logging.getLogger(__name__)
+
+#: settings every interface reads from its hyperparams (defaults here), ``overrides=`` and the
+#: instance; an exported ``hyperparams.yaml`` writes them out
+INFERENCE_SETTINGS = {"chunk_seconds": 10.0, "overlap_seconds": 2.0, "precision": "fp32",
+                      "reuse_freed_memory": False}
+#: packages whose objects a model folder's yaml may build without ``trust_code=True``
+TRUSTED_PACKAGES = ("modules", "speechbrain", "torch", "torchaudio")
+_YAML_TARGET = re.compile(r"!(new|name|apply|module|include):\s*([^\s]+)")
+
+
+class UntrustedModelError(PermissionError):
+    """A model folder's yaml names code outside :data:`TRUSTED_PACKAGES`."""
+
+
+def check_trusted(hparams_path: str, trust_code: bool = False):
+    """Refuse a hyperparams file whose ``!new:`` / ``!name:`` / ``!apply:`` / ``!module:`` tags
+    name anything outside :data:`TRUSTED_PACKAGES`, or that ``!include:``s another file, unless
+    ``trust_code`` is set: loading a yaml runs what it names."""
+    with open(hparams_path, encoding="utf-8") as f:
+        text = f.read()
+    outside = sorted({f"!{tag}:{target}" for tag, target in _YAML_TARGET.findall(text)
+                      if tag == "include" or target.split(".")[0] not in TRUSTED_PACKAGES})
+    if outside and not trust_code:
+        raise UntrustedModelError(
+            f"{hparams_path} asks to run code outside {', '.join(TRUSTED_PACKAGES)}: "
+            f"{', '.join(outside)}. Loading a model folder runs what its yaml names; if you trust "
+            "this folder, pass trust_code=True (command line: --trust_code)")
+
+
+class WeightsPretrainer(Pretrainer):
+    """A ``Pretrainer`` that takes ``<name>.safetensors`` from the folder when it is there,
+    ``<name>.ckpt`` otherwise, and loads either with :func:`load_weights`."""
+
+    def collect_files(self, default_source=None, **kwargs):
+        if default_source is not None:
+            source = str(default_source)
+            for name in self.loadables:
+                self.custom_hooks.setdefault(name, load_weights)
+                if name not in self.paths and _has_file(source, f"{name}.safetensors"):
+                    self.paths[name] = f"{source.rstrip('/')}/{name}.safetensors"
+        return super().collect_files(default_source=default_source, **kwargs)
+
+
+def _has_file(source: str, filename: str) -> bool:
+    if os.path.isdir(source):
+        return os.path.exists(os.path.join(source, filename))
+    try:
+        return bool(file_exists(source, filename))
+    except Exception:  # noqa: BLE001 - offline or not a Hub repo: fall back to the .ckpt
+        return False
+
+
+def check_source(source) -> str:
+    """A model ``source`` that looks like a local path must be a folder holding
+    ``hyperparams.yaml``; a Hub id is ``user/name``."""
+    source = str(source)
+    looks_local = (source.startswith((".", "/", "~")) or os.sep in source.strip("/").replace("/", "", 1)
+                   or os.path.exists(source))
+    if looks_local:
+        path = os.path.expanduser(source)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model folder {source} does not exist (a local folder written by "
+                                    "python -m modules.serving.export, or a Hub id user/name)")
+        if not os.path.exists(os.path.join(path, "hyperparams.yaml")):
+            raise FileNotFoundError(f"{source} holds no hyperparams.yaml: is it a model folder "
+                                    "written by python -m modules.serving.export?")
+        return os.path.abspath(path)
+    return source
 
 
 def chunked_separation(model, mix: torch.Tensor, chunk: int, overlap: int) -> torch.Tensor:
@@ -67,9 +147,6 @@ def chunked_separation(model, mix: torch.Tensor, chunk: int, overlap: int) -> to
 def interface_class(hparams_path: str):
     """The Pretrained class that serves a model folder: the yaml's top-level
     ``interface: <module.Class>`` line, or :class:`Separator` when there is none."""
-    import importlib
-    import re
-
     with open(hparams_path) as f:
         m = re.search(r"^interface:[ \t]*([\w.]+)", f.read(), re.M)
     if not m:
@@ -113,18 +190,16 @@ def load_mono(path, channel=None):
     return x, sr
 
 
-class Separator(Pretrained):
-    """Speech separation from a pretrained folder (see the module docstring).
+class AudioInterface(Pretrained):
+    """What the three interfaces share: the model's ``sample_rate``, reading files
+    (:func:`load_mono`, then resampling), checking input tensors, chunking settings, precision and
+    the optional allocator setting around the model call.
 
-    Hyperparams read: ``sample_rate``; optional ``chunk_seconds`` (default 10),
-    ``overlap_seconds`` (default 2) and ``precision`` (``fp32``, the default, or ``bf16``: the
-    model runs under ``torch.autocast`` in bfloat16, matrix products and convolutions in bf16,
-    outputs returned in float32; MossFormer2 is 1.3-1.4x faster than in fp32 on a CPU with
-    AVX512-BF16/AMX, 39 dB SNR from the fp32 output, ``bench/mossformer2.py``);
-    ``reuse_freed_memory`` (default True: the model runs inside
-    :func:`modules.memory.reuse_freed_memory`, so glibc reuses freed memory for new activations
-    instead of faulting in fresh pages; the outputs are the same). ``precision`` and
-    ``reuse_freed_memory`` can also be set on the instance.
+    Settings, read from the hyperparams and settable on the instance: ``chunk_seconds`` (default
+    10) and ``overlap_seconds`` (2) for long input; ``precision`` (``fp32``, or ``bf16``: the
+    model runs under ``torch.autocast`` in bfloat16, outputs are float32), which
+    ``run_opts={"precision": ...}`` overrides; ``reuse_freed_memory`` (default False; True runs
+    the model inside :func:`modules.training.memory.reuse_freed_memory`).
     """
 
     HPARAMS_NEEDED = ["sample_rate"]
@@ -132,13 +207,85 @@ class Separator(Pretrained):
     PRECISIONS = ("fp32", "bf16")
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.precision = str(getattr(self.hparams, "precision", "fp32"))
-        self.reuse_freed_memory = bool(getattr(self.hparams, "reuse_freed_memory", True))
+        super().__init__(*args, **kwargs)  # sets self.precision: run_opts, else hparams, else fp32
+        self.chunk_seconds = float(getattr(self.hparams, "chunk_seconds", INFERENCE_SETTINGS["chunk_seconds"]))
+        self.overlap_seconds = float(getattr(self.hparams, "overlap_seconds",
+                                             INFERENCE_SETTINGS["overlap_seconds"]))
+        self.reuse_freed_memory = bool(getattr(self.hparams, "reuse_freed_memory", False))
+
+    @classmethod
+    def from_hparams(cls, source, hparams_file="hyperparams.yaml", overrides=None, trust_code=False,
+                     **kwargs):
+        """SpeechBrain's ``from_hparams``, with: a clear error for a local folder that does not
+        exist; the yaml refused when it names code outside :data:`TRUSTED_PACKAGES` (unless
+        ``trust_code``); ``overrides`` of the :data:`INFERENCE_SETTINGS` applied whether or not
+        the yaml has those keys."""
+        source = check_source(source)
+        path = fetch(filename=hparams_file, source=source, savedir=kwargs.get("savedir"),
+                     save_filename=None)
+        check_trusted(str(path), trust_code)
+        overrides = dict(overrides or {})
+        settings = {k: overrides.pop(k) for k in list(overrides) if k in INFERENCE_SETTINGS}
+        obj = super().from_hparams(source, hparams_file, overrides=overrides, **kwargs)
+        for key, value in settings.items():
+            setattr(obj, key, type(INFERENCE_SETTINGS[key])(value))
+        return obj
 
     @property
     def sample_rate(self) -> int:
         return int(self.hparams.sample_rate)
+
+    def read(self, path, channel=None):
+        """``(signal [time] at sample_rate, signal [time] at the file's rate, file rate)``."""
+        x, sr = load_mono(path, channel)
+        return resample(x, sr, self.sample_rate), x, sr
+
+    def check_input(self, x: torch.Tensor, what: str, shortest: int, hint: str,
+                    shortest_is: str = "the shortest input the model takes") -> torch.Tensor:
+        """``[time]`` or ``[batch, time]`` -> float ``[batch, time]`` on the model's device;
+        refuses other shapes, NaN/Inf and input shorter than ``shortest`` samples
+        (``shortest_is`` names that length in the message)."""
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        if x.dim() != 2:
+            raise AudioError(f"expected the {what} as [batch, time], got shape {tuple(x.shape)}; "
+                             f"down-mix or pick a channel first ({hint} does both)")
+        x = x.to(self.device).float()
+        check_finite(x, what)
+        if x.shape[-1] < shortest:
+            raise AudioError(
+                f"the {what} has {x.shape[-1]} samples, shorter than {shortest_is} ({shortest} "
+                f"samples = {1000 * shortest / self.sample_rate:.1f} ms at {self.sample_rate} Hz); "
+                "there is nothing to process")
+        return x
+
+    def chunking(self) -> tuple[int, int]:
+        """``(chunk, overlap)`` in samples at ``sample_rate``."""
+        chunk = int(self.chunk_seconds * self.sample_rate)
+        overlap = int(self.overlap_seconds * self.sample_rate)
+        if not 0 <= overlap < chunk:
+            raise ValueError(f"need 0 <= overlap_seconds ({self.overlap_seconds}) < chunk_seconds "
+                             f"({self.chunk_seconds})")
+        return chunk, overlap
+
+    @contextlib.contextmanager
+    def model_context(self, device: torch.device):
+        """Precision (and the allocator setting, when asked) around a model call."""
+        if self.precision not in self.PRECISIONS:
+            raise ValueError(f"precision must be one of {self.PRECISIONS}, got {self.precision!r}")
+        with reuse_freed_memory(self.reuse_freed_memory and device.type == "cpu"), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            yield
+
+    @staticmethod
+    def output_stem(path) -> str:
+        return os.path.splitext(os.path.basename(str(path)))[0]
+
+
+class Separator(AudioInterface):
+    """Speech separation from a pretrained folder (see the module docstring)."""
+
+    model_card = staticmethod(cards.separation_card)
 
     @property
     def min_samples(self) -> int:
@@ -146,47 +293,31 @@ class Separator(Pretrained):
         enc = getattr(self.mods.model, "encoder", None)
         return int(getattr(enc, "kernel_size", None) or getattr(enc, "n_fft", None) or 1)
 
-    def _chunking(self):
-        sr = self.sample_rate
-        chunk = int(getattr(self.hparams, "chunk_seconds", 10.0) * sr)
-        overlap = int(getattr(self.hparams, "overlap_seconds", 2.0) * sr)
-        return chunk, overlap
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        return self.separate_batch(mix)
 
     @torch.no_grad()
     def separate_batch(self, mix: torch.Tensor) -> torch.Tensor:
         """``mix [batch, time]`` at ``sample_rate`` -> estimates ``[batch, time, n_src]``."""
-        if mix.dim() == 1:
-            mix = mix.unsqueeze(0)
-        if mix.dim() != 2:
-            raise AudioError(f"expected a mixture [batch, time], got shape {tuple(mix.shape)}; "
-                             "down-mix or pick a channel first (separate_file does both)")
-        mix = mix.to(self.device).float()
-        check_finite(mix, "mixture")
-        if mix.shape[-1] < self.min_samples:
-            raise AudioError(
-                f"the mixture has {mix.shape[-1]} samples, shorter than one encoder frame "
-                f"({self.min_samples} samples = {1000 * self.min_samples / self.sample_rate:.1f} "
-                f"ms at {self.sample_rate} Hz); there is nothing to separate")
-        if self.precision not in self.PRECISIONS:
-            raise ValueError(f"precision must be one of {self.PRECISIONS}, got {self.precision!r}")
-        chunk, overlap = self._chunking()
-        model = self.mods.model
-        with reuse_freed_memory(self.reuse_freed_memory and mix.device.type == "cpu"), \
-                torch.autocast(mix.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        mix = self.check_input(mix, "mixture", self.min_samples, "separate_file",
+                               "one encoder frame")
+        chunk, overlap = self.chunking()
+        with self.model_context(mix.device):
             if mix.shape[-1] <= chunk:
-                return model(mix).float()
-            return chunked_separation(model, mix, chunk, overlap)  # float32 already
+                return self.mods.model(mix).float()
+            return chunked_separation(self.mods.model, mix, chunk, overlap)  # float32 already
 
-    def separate_file(self, path, output_dir=None, channel=None, resample_output=False):
+    def separate_file(self, path, output_dir=None, channel=None, resample_output=False,
+                      savedir=None):
         """Separate an audio file. Returns ``[1, time, n_src]`` at ``sample_rate`` (or at the
         file's rate with ``resample_output=True``).
 
         Multi-channel files are down-mixed with a warning unless ``channel`` picks one. With
         ``output_dir``, writes ``<name>_source<k>.wav`` per source at the mixture's level,
-        never clipped.
+        never clipped. ``savedir`` is accepted for SpeechBrain's ``separate_file(path,
+        savedir=...)`` call and not used: the file is read where it is.
         """
-        x, sr = load_mono(path, channel)
-        mix = resample(x, sr, self.sample_rate)
+        mix, x, sr = self.read(path, channel)
         try:
             est = self.separate_batch(mix.unsqueeze(0))[0].cpu()
         except AudioError as err:
@@ -196,19 +327,19 @@ class Separator(Pretrained):
             est = resample(est.T, self.sample_rate, sr).T
             mix, out_sr = x, sr
         if output_dir is not None:
-            stem = os.path.splitext(os.path.basename(str(path)))[0]
+            stem = self.output_stem(path)
             scaled = match_level(est, mix[: est.shape[0]])
             for k in range(est.shape[1]):
                 write_audio(os.path.join(output_dir, f"{stem}_source{k + 1}.wav"), scaled[:, k], out_sr)
         return est.unsqueeze(0)
 
 
-class TimbreTranscriber(Pretrained):
-    """Transcription per instrument and timbre separation of music (:class:`modules.timbre.TimbreNet`).
+class TimbreTranscriber(AudioInterface):
+    """Transcription per instrument and timbre separation of music (:class:`modules.models.timbre.TimbreNet`).
 
     ``transcribe_file(path, n_instruments=None, output_dir=None, target=None)`` returns a dict:
 
-    * ``notes``: one list of :class:`modules.music.Note` per instrument (cluster);
+    * ``notes``: one list of :class:`modules.data.music.Note` per instrument (cluster);
     * ``rolls``: ``[K, pitches, frames]`` bool piano rolls (MIDI pitch ``min_pitch + row``);
     * ``audio``: ``[time, K]`` the mixture masked per instrument (at ``sample_rate``), or, with
       ``target=k``, ``[time, 2]``: instrument k and the rest;
@@ -218,24 +349,25 @@ class TimbreTranscriber(Pretrained):
     target mode) and ``<name>_rolls.png``.
     """
 
-    HPARAMS_NEEDED = ["sample_rate"]
-    MODULES_NEEDED = ["model"]
+    model_card = staticmethod(cards.transcription_card)
+
+    def forward(self, wave: torch.Tensor) -> dict:
+        """``wave [batch, time]`` at ``sample_rate`` -> the model's outputs (see TimbreNet)."""
+        wave = self.check_input(wave, "recording", self.mods.model.front_end.n_fft, "transcribe_file")
+        with torch.no_grad(), self.model_context(wave.device):
+            return self.mods.model(wave)
 
     @torch.no_grad()
     def transcribe_file(self, path, n_instruments=None, output_dir=None, target=None, channel=None,
                         threshold=0.5):
-        from .clustering import cluster_units
-        from .timbre import roll_to_notes
-
-        sr = int(self.hparams.sample_rate)
-        x, file_sr = load_mono(path, channel)
-        x = resample(x, file_sr, sr).to(self.device)
-        model = self.mods.model
-        fe = model.front_end
+        sr = self.sample_rate
+        x, _, _ = self.read(path, channel)
+        x = x.to(self.device)
+        fe = self.mods.model.front_end
         if x.shape[0] < fe.n_fft:
             raise AudioError(f"{path}: {x.shape[0]} samples at {sr} Hz is shorter than one "
                              f"analysis frame ({fe.n_fft} samples); nothing to transcribe")
-        out = model(x[None])
+        out = {k: v.float() for k, v in self(x[None]).items()}
         roll = torch.sigmoid(out["note_logits"][0]) > threshold
         onsets = torch.sigmoid(out["onset_logits"][0]) > threshold
         level = 20 * torch.log10(out["units"][0].abs() + 1e-8)
@@ -272,12 +404,8 @@ class TimbreTranscriber(Pretrained):
                            length=x.shape[0]).T
 
     def _write(self, path, output_dir, result, target, sr, units, fe):
-        import pretty_midi
-
-        from .timbre import plot_example
-
         os.makedirs(output_dir, exist_ok=True)
-        stem = os.path.splitext(os.path.basename(str(path)))[0]
+        stem = self.output_stem(path)
         names = (["target", "rest"] if target is not None
                  else [f"instrument{k + 1}" for k in range(result["n_instruments"])])
         scaled = match_level(result["audio"], result["audio"].sum(1))
@@ -300,8 +428,8 @@ class TimbreTranscriber(Pretrained):
                      title=f"{stem}: estimated notes per instrument (top: mixture)")
 
 
-class TargetSpeakerExtractor(Pretrained):
-    """Target-speaker extraction from a pretrained folder (:mod:`modules.tse` models).
+class TargetSpeakerExtractor(AudioInterface):
+    """Target-speaker extraction from a pretrained folder (:mod:`modules.models.tse` models).
 
     Usage::
 
@@ -316,35 +444,17 @@ class TargetSpeakerExtractor(Pretrained):
     (:func:`chunked_separation` with one source).
     """
 
-    HPARAMS_NEEDED = ["sample_rate"]
-    MODULES_NEEDED = ["model"]
-
-    @property
-    def sample_rate(self) -> int:
-        return int(self.hparams.sample_rate)
+    model_card = staticmethod(cards.extraction_card)
 
     def _min_samples(self):
         """(mixture, enrolment) shortest lengths: one encoder frame and one WavLM frame."""
-        from .tse import receptive_field_samples
-
         model = self.mods.model
         cfg = model.wavlm.config
         wavlm = receptive_field_samples(cfg.conv_kernel, cfg.conv_stride)
         return max(model.encoder.kernel_size, wavlm), wavlm
 
-    def _check(self, x: torch.Tensor, what: str, shortest: int) -> torch.Tensor:
-        if x.dim() == 1:
-            x = x.unsqueeze(0)
-        if x.dim() != 2:
-            raise AudioError(f"expected the {what} as [batch, time], got shape {tuple(x.shape)}; "
-                             "down-mix or pick a channel first (extract_file does both)")
-        x = x.to(self.device).float()
-        check_finite(x, what)
-        if x.shape[-1] < shortest:
-            raise AudioError(f"the {what} has {x.shape[-1]} samples, fewer than the model needs "
-                             f"({shortest} samples = {1000 * shortest / self.sample_rate:.1f} ms at "
-                             f"{self.sample_rate} Hz)")
-        return x
+    def forward(self, mix: torch.Tensor, enroll: torch.Tensor) -> torch.Tensor:
+        return self.extract_batch(mix, enroll)
 
     @torch.no_grad()
     def extract_batch(self, mix: torch.Tensor, enroll: torch.Tensor, mix_lens=None,
@@ -353,21 +463,21 @@ class TargetSpeakerExtractor(Pretrained):
         optional, SpeechBrain convention) -> target estimates ``[batch, time]`` (zero beyond each
         mixture's length)."""
         shortest_mix, shortest_enroll = self._min_samples()
-        mix = self._check(mix, "mixture", shortest_mix)
-        enroll = self._check(enroll, "enrolment", shortest_enroll)
+        mix = self.check_input(mix, "mixture", shortest_mix, "extract_file")
+        enroll = self.check_input(enroll, "enrolment", shortest_enroll, "extract_file")
         if mix.shape[0] != enroll.shape[0]:
             raise AudioError(f"{mix.shape[0]} mixtures but {enroll.shape[0]} enrolments; give one "
                              "enrolment per mixture")
         model = self.mods.model
-        chunk = int(getattr(self.hparams, "chunk_seconds", 10.0) * self.sample_rate)
-        overlap = int(getattr(self.hparams, "overlap_seconds", 2.0) * self.sample_rate)
-        if mix.shape[-1] <= chunk:
-            return model(mix, enroll, mix_lens, enroll_lens)
+        chunk, overlap = self.chunking()
+        with self.model_context(mix.device):
+            if mix.shape[-1] <= chunk:
+                return model(mix, enroll, mix_lens, enroll_lens).float()
 
-        def one_chunk(part):  # the same enrolment for every chunk; [batch, time, 1]
-            return model(part, enroll, None, enroll_lens)[..., None]
+            def one_chunk(part):  # the same enrolment for every chunk; [batch, time, 1]
+                return model(part, enroll, None, enroll_lens)[..., None]
 
-        est = chunked_separation(one_chunk, mix, chunk, overlap)[..., 0]
+            est = chunked_separation(one_chunk, mix, chunk, overlap)[..., 0]
         if mix_lens is not None:
             real = torch.arange(mix.shape[-1], device=mix.device)[None, :]
             est = est * (real < torch.round(torch.as_tensor(mix_lens, device=mix.device) *
@@ -379,10 +489,8 @@ class TargetSpeakerExtractor(Pretrained):
         """Extract the enrolment's speaker from a mixture file. Returns ``[1, time]`` at
         ``sample_rate`` (or at the mixture file's rate with ``resample_output=True``). With
         ``output_dir``, writes ``<mixture name>_target.wav`` at the mixture's level."""
-        x, sr = load_mono(mix_path, channel)
-        e, enroll_sr = load_mono(enroll_path, channel)
-        mix = resample(x, sr, self.sample_rate)
-        enroll = resample(e, enroll_sr, self.sample_rate)
+        mix, x, sr = self.read(mix_path, channel)
+        enroll, _, _ = self.read(enroll_path, channel)
         try:
             est = self.extract_batch(mix[None], enroll[None])[0].cpu()
         except AudioError as err:
@@ -391,7 +499,7 @@ class TargetSpeakerExtractor(Pretrained):
         if resample_output and sr != self.sample_rate:
             est, mix, out_sr = resample(est, self.sample_rate, sr), x, sr
         if output_dir is not None:
-            stem = os.path.splitext(os.path.basename(str(mix_path)))[0]
+            stem = self.output_stem(mix_path)
             scaled = match_level(est[:, None], mix[: est.shape[0]])[:, 0]
             write_audio(os.path.join(output_dir, f"{stem}_target.wav"), scaled, out_sr)
         return est.unsqueeze(0)

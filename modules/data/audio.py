@@ -15,6 +15,9 @@ import soundfile as sf
 import torch
 
 PEAK = 0.99
+#: relative distance from a channel's peak within which a sample counts as at that peak
+#: (about three 16-bit steps)
+CLIP_TOLERANCE = 1e-4
 
 
 class AudioError(ValueError):
@@ -71,16 +74,26 @@ def wav_truncation(path: str):
 
 
 def clipped_fraction(x: torch.Tensor) -> float:
-    """Fraction of samples on flat tops at the signal's peak (x[t] == x[t-1], |x[t]| within
-    0.1 % of the peak): the mark of clipping at any full scale (16/24-bit or float), which a
-    smooth waveform, however loud, does not leave. ``x [time]`` or ``[time, channels]``."""
+    """Fraction of samples on a clipped plateau: runs of two or more consecutive samples within
+    :data:`CLIP_TOLERANCE` (relative) of a channel's positive peak, or of its negative peak.
+    Every sample of such a run counts. This is the mark of clipping at any full scale
+    (16/24-bit or float, symmetric or not), which a smooth waveform, however loud, leaves on a
+    few samples at most. ``x [time]`` or ``[time, channels]``."""
     if x.shape[0] < 2:
         return 0.0
-    peak = x.abs().max()
-    if peak == 0:
-        return 0.0
-    flat = (x[1:] == x[:-1]) & (x[1:].abs() >= 0.999 * peak)
-    return float(flat.float().mean())
+    x = x.reshape(x.shape[0], -1)
+    hi, lo = x.max(0).values, x.min(0).values
+    near_hi = (hi > 0) & (x >= hi * (1 - CLIP_TOLERANCE))
+    near_lo = (lo < 0) & (x <= lo * (1 - CLIP_TOLERANCE))
+    return float((_in_runs(near_hi) | _in_runs(near_lo)).float().mean())
+
+
+def _in_runs(mask: torch.Tensor) -> torch.Tensor:
+    """``mask [time, channels]`` -> True where the sample and a neighbour in time are True."""
+    neighbour = torch.zeros_like(mask)
+    neighbour[1:] |= mask[:-1]
+    neighbour[:-1] |= mask[1:]
+    return mask & neighbour
 
 
 def resample(x: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:

@@ -149,7 +149,7 @@ class TimbreNet(nn.Module):
     (instrument-agnostic posteriors per pitch and frame), ``embeddings [batch, D, P, T]``
     (unit-norm per unit) and the front end's complex ``units [batch, P, T]``.
 
-    The embedding head is the clustering branch: :class:`~modules.clustering.ClusteringAttention`
+    The embedding head is the clustering branch: :class:`~modules.models.clustering.ClusteringAttention`
     (flow attention by default, ``attention='linear'`` for plain linear attention) over all units,
     with the note posterior as the "Hebbian" weights of its keys and values (``hebbian=True``),
     then a 1x1 convolution to ``emb_dim``.
@@ -158,7 +158,7 @@ class TimbreNet(nn.Module):
     def __init__(self, front_end: NoteFrontEnd | None = None, channels=48, blocks=6, emb_dim=20,
                  heads=4, attention="flow", hebbian=True):
         super().__init__()
-        from .clustering import ClusteringAttention
+        from modules.models.clustering import ClusteringAttention
 
         self.front_end = front_end or NoteFrontEnd()
         self.inp = nn.Conv2d(self.front_end.channels, channels, 3, padding=1)
@@ -208,7 +208,7 @@ def roll_to_notes(roll: torch.Tensor, hop_s: float, min_pitch: int, min_frames: 
 
 
 def _note(pitch, onset, offset):
-    from .music import Note
+    from modules.data.music import Note
 
     return Note(pitch, onset, offset)
 
@@ -264,7 +264,7 @@ def evaluate_example(out: dict, targets: dict, notes, front_end: NoteFrontEnd, k
     this transcription) and with random clustering (the baseline), the clustering accuracy of the
     active units, and the number of clusters used. ``_labels``/``_roll`` are kept for pictures.
     """
-    from .clustering import cluster_units
+    from modules.models.clustering import cluster_units
 
     hop_s = front_end.hop_length / front_end.sample_rate
     n = len(notes)

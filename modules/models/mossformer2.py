@@ -17,13 +17,14 @@ Structure (paper Fig. 1; every tensor inside the mask net is ``[batch, frames, c
   feed-forward projections) followed by :class:`GatedFSMNBlock` (gated, dilated FSMN memory);
 * decoder: transposed 1-D conv (kernel 16, stride 8).
 
-The model is an :class:`~modules.tasnet.EncoderMaskerDecoder`: ``[batch, time]`` in,
+The model is an :class:`~modules.models.base.EncoderMaskerDecoder`: ``[batch, time]`` in,
 ``[batch, time, n_src]`` out. Configurations of the paper: MossFormer2 (N=512, 24 layers,
 55.7 M parameters) and MossFormer2-S (N=384, 25 layers, 37.8 M).
 
 Weights of the released ClearerVoice model ``MossFormer2_SS_16K`` (PyPI package ``clearvoice``,
-``clearvoice/models/mossformer2_ss/``) load with :func:`load_clearvoice_checkpoint`, and the model
-then gives the same output as that code (tests/test_mossformer2.py checks it). Facts taken from
+``clearvoice/models/mossformer2_ss/``) load with
+:func:`modules.convert.clearvoice.load_clearvoice_checkpoint`, and the model then gives the same
+output as that code (tests/test_mossformer2.py checks it). Facts taken from
 that package are cited below by file name. Two of its habits are kept on purpose, for equality:
 the input is not padded to whole frames (the last ``(time - 16) % 8`` samples are not encoded and
 come out as zeros), and the attention logits are divided by the group size, not ``sqrt(d)``.
@@ -31,19 +32,12 @@ come out as zeros), and the attention logits are divided by the group size, not 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import re
-import sys
-import warnings
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from .tasnet import Decoder, Encoder, EncoderMaskerDecoder
+from modules.models.base import Decoder, Encoder, EncoderMaskerDecoder
 
 __all__ = [
     "MossFormer2",
@@ -59,14 +53,6 @@ __all__ = [
     "ScaledSinuEmbedding",
     "RotaryEmbedding",
     "CONFIGS",
-    "CheckpointMismatchError",
-    "clearvoice_config",
-    "clearvoice_to_ours",
-    "ours_to_clearvoice",
-    "read_clearvoice_state_dict",
-    "convert_clearvoice_state_dict",
-    "load_clearvoice_checkpoint",
-    "clearvoice_reference",
 ]
 
 # Named configurations. "tiny" keeps the attention/FSMN widths that the ClearerVoice code fixes
@@ -608,269 +594,3 @@ class MossFormer2(EncoderMaskerDecoder):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config.items())
 
-
-# --------------------------------------------------------------------------------------------
-# ClearerVoice checkpoints
-# --------------------------------------------------------------------------------------------
-# Key names of `MossFormer2_SS_16K(args).model` in clearvoice 0.1.2,
-# clearvoice/models/mossformer2_ss/mossformer2.py (MossFormer, MossFormer_MaskNet,
-# Computation_Block, MossFormerM) and mossformer2_block.py (MossformerBlock_GFSMN,
-# FLASH_ShareA_FFConvM, FFConvM, Gated_FSMN_Block_Dilated, Gated_FSMN_dilated), fsmn.py
-# (UniDeepFsmn_dilated, DilatedDenseNet), conv_module.py (ConvModule). The checkpoint file is
-# `{'model': state_dict, ...}` (clearvoice/networks.py SpeechModel._load_model, model_key='model'),
-# sometimes with a `module.` prefix (DataParallel). Its 1x1 Conv1d weights [out, in, 1] load into
-# our nn.Linear [out, in], its Conv2d (k, 1) FSMN kernels [C, g, k, 1] into Conv1d [C, g, k].
-
-_LAYER = r"mask_net\.mdl\.intra_mdl\.mossformerM"
-# (clearvoice regex, our replacement) and the inverse, applied in order, first match wins
-_PREFIX_RULES = [
-    (r"enc\.conv1d\.", "encoder.conv."),
-    (r"dec\.", "decoder.deconv."),
-    (r"mask_net\.norm\.", "masker.norm."),
-    (r"mask_net\.conv1d_encoder\.", "masker.in_proj."),
-    (r"mask_net\.pos_enc\.", "masker.pos_enc."),
-    (_LAYER + r"\.layers\.(\d+)\.", r"masker.layers.\1.attention."),
-    (_LAYER + r"\.fsmn\.(\d+)\.", r"masker.layers.\1.fsmn."),
-    (r"mask_net\.mdl\.intra_mdl\.norm\.", "masker.out_norm."),
-    (r"mask_net\.mdl\.intra_norm\.", "masker.skip_norm."),
-    (r"mask_net\.prelu\.", "masker.prelu."),
-    (r"mask_net\.conv1d_out\.", "masker.mask_proj."),
-    (r"mask_net\.output\.0\.", "masker.tanh_proj."),
-    (r"mask_net\.output_gate\.0\.", "masker.gate_proj."),
-    (r"mask_net\.conv1_decoder\.", "masker.out_proj."),
-]
-# inside a block, after the prefix
-_INNER_RULES = [
-    (r"(to_hidden|to_qk|to_out|to_u|to_v)\.mdl\.0\.", r"\1.norm."),
-    (r"(to_hidden|to_qk|to_out|to_u|to_v)\.mdl\.1\.", r"\1.linear."),
-    (r"(to_hidden|to_qk|to_out|to_u|to_v)\.mdl\.3\.sequential\.1\.conv\.", r"\1.dwconv."),
-    (r"conv1\.0\.", "in_proj."),
-    (r"conv1\.1\.", "in_act."),
-    (r"conv2\.", "out_proj."),
-    (r"gated_fsmn\.", "gated."),
-    (r"fsmn\.conv\.conv(\d+)\.", lambda m: f"fsmn.convs.{int(m.group(1)) - 1}."),
-    (r"fsmn\.conv\.norm(\d+)\.", lambda m: f"fsmn.norms.{int(m.group(1)) - 1}."),
-    (r"fsmn\.conv\.prelu(\d+)\.", lambda m: f"fsmn.acts.{int(m.group(1)) - 1}."),
-]
-# buffers of fixed values: checked against ours, never loaded
-_CONSTANT_KEYS = re.compile(_LAYER + r"\.layers\.(\d+)\.rotary_pos_emb\.freqs$|mask_net\.pos_enc\.inv_freq$")
-
-
-def _apply_rules(key: str, prefix_rules, inner_rules) -> str | None:
-    for pattern, repl in prefix_rules:
-        m = re.match(pattern, key)
-        if m:
-            head = m.expand(repl) if isinstance(repl, str) else repl(m)
-            tail = key[m.end():]
-            break
-    else:
-        return None
-    tail_out = ""
-    while tail:  # the inner rules rewrite the dotted path left to right
-        for pattern, repl in inner_rules:
-            m = re.match(pattern, tail)
-            if m:
-                tail_out += m.expand(repl) if isinstance(repl, str) else repl(m)
-                tail = tail[m.end():]
-                break
-        else:
-            part, _, tail = tail.partition(".")
-            tail_out += part + ("." if tail else "")
-    return head + tail_out
-
-
-def clearvoice_to_ours(key: str) -> str | None:
-    """Our parameter name for a ClearerVoice ``MossFormer2_SS_16K`` key (None if unknown)."""
-    return _apply_rules(key, _PREFIX_RULES, _INNER_RULES)
-
-
-_INVERSE_PREFIX = [
-    (r"encoder\.conv\.", "enc.conv1d."),
-    (r"decoder\.deconv\.", "dec."),
-    (r"masker\.norm\.", "mask_net.norm."),
-    (r"masker\.in_proj\.", "mask_net.conv1d_encoder."),
-    (r"masker\.pos_enc\.", "mask_net.pos_enc."),
-    (r"masker\.layers\.(\d+)\.attention\.", r"mask_net.mdl.intra_mdl.mossformerM.layers.\1."),
-    (r"masker\.layers\.(\d+)\.fsmn\.", r"mask_net.mdl.intra_mdl.mossformerM.fsmn.\1."),
-    (r"masker\.out_norm\.", "mask_net.mdl.intra_mdl.norm."),
-    (r"masker\.skip_norm\.", "mask_net.mdl.intra_norm."),
-    (r"masker\.prelu\.", "mask_net.prelu."),
-    (r"masker\.mask_proj\.", "mask_net.conv1d_out."),
-    (r"masker\.tanh_proj\.", "mask_net.output.0."),
-    (r"masker\.gate_proj\.", "mask_net.output_gate.0."),
-    (r"masker\.out_proj\.", "mask_net.conv1_decoder."),
-]
-_INVERSE_INNER = [
-    (r"(to_hidden|to_qk|to_out|to_u|to_v)\.norm\.", r"\1.mdl.0."),
-    (r"(to_hidden|to_qk|to_out|to_u|to_v)\.linear\.", r"\1.mdl.1."),
-    (r"(to_hidden|to_qk|to_out|to_u|to_v)\.dwconv\.", r"\1.mdl.3.sequential.1.conv."),
-    (r"in_proj\.", "conv1.0."),
-    (r"in_act\.", "conv1.1."),
-    (r"out_proj\.", "conv2."),
-    (r"gated\.", "gated_fsmn."),
-    (r"fsmn\.convs\.(\d+)\.", lambda m: f"fsmn.conv.conv{int(m.group(1)) + 1}."),
-    (r"fsmn\.norms\.(\d+)\.", lambda m: f"fsmn.conv.norm{int(m.group(1)) + 1}."),
-    (r"fsmn\.acts\.(\d+)\.", lambda m: f"fsmn.conv.prelu{int(m.group(1)) + 1}."),
-]
-
-
-def ours_to_clearvoice(key: str) -> str | None:
-    """The ClearerVoice key of one of our parameter names (None if it has none)."""
-    return _apply_rules(key, _INVERSE_PREFIX, _INVERSE_INNER)
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint does not fit the model: the message names every offending key."""
-
-
-def read_clearvoice_state_dict(path_or_state_dict) -> dict[str, torch.Tensor]:
-    """The ClearerVoice state dict of a checkpoint file or dict, without ``module.`` prefixes.
-
-    Accepts ``{'model': state_dict, ...}`` (what ClearerVoice saves) or a bare state dict.
-    Files are read with ``torch.load(..., weights_only=True)``.
-    """
-    source = path_or_state_dict
-    if isinstance(source, (str, os.PathLike)):
-        try:
-            source = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - say which file and why
-            raise CheckpointMismatchError(
-                f"cannot read {os.fspath(path_or_state_dict)} as a PyTorch checkpoint with "
-                f"weights_only=True: {err}") from err
-    if not isinstance(source, dict):
-        raise CheckpointMismatchError(f"expected a state dict or {{'model': state_dict}}, got "
-                                      f"{type(source).__name__}")
-    if "model" in source and isinstance(source["model"], dict):
-        source = source["model"]
-    not_tensors = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise CheckpointMismatchError(
-            "expected a state dict (name -> tensor) or {'model': state_dict, ...}; these "
-            f"entries are not tensors: {not_tensors[:10]}")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in source.items()}
-
-
-def clearvoice_config(state: dict[str, torch.Tensor]) -> dict:
-    """:class:`MossFormer2` arguments read off a ClearerVoice state dict's shapes
-    (``group_size`` has no weights; ClearerVoice always uses 256, our default)."""
-    prefix = _LAYER.replace("\\", "")
-    try:
-        N, _, L = state["enc.conv1d.weight"].shape
-        layers = {int(m.group(1)) for k in state
-                  for m in [re.match(_LAYER + r"\.layers\.(\d+)\.", k)] if m}
-        hidden = state[f"{prefix}.layers.0.to_hidden.mdl.1.weight"].shape[0]
-        cfg = dict(
-            N=int(N), L=int(L), num_layers=max(layers) + 1,
-            n_src=int(state["mask_net.conv1d_out.weight"].shape[0] // N),
-            qk_dim=int(state[f"{prefix}.layers.0.to_qk.mdl.1.weight"].shape[0]),
-            expansion_factor=hidden / N,
-            fsmn_dim=int(state[f"{prefix}.fsmn.0.conv1.0.weight"].shape[0]),
-            fsmn_order=(int(state[f"{prefix}.fsmn.0.gated_fsmn.fsmn.conv.conv1.weight"].shape[2]) + 1) // 2,
-            kernel_size=int(state[f"{prefix}.layers.0.to_hidden.mdl.3.sequential.1.conv.weight"].shape[-1]),
-        )
-    except (KeyError, ValueError) as err:
-        shown = sorted(state)[:5]
-        raise CheckpointMismatchError(
-            f"not a ClearerVoice MossFormer2_SS checkpoint: {err} not found (keys start with "
-            f"{shown}); expected keys such as enc.conv1d.weight, mask_net.*, dec.weight") from err
-    if cfg["expansion_factor"] == int(cfg["expansion_factor"]):
-        cfg["expansion_factor"] = float(int(cfg["expansion_factor"]))
-    return cfg
-
-
-def convert_clearvoice_state_dict(state: dict[str, torch.Tensor], model: nn.Module,
-                                  strict: bool = True) -> dict[str, torch.Tensor]:
-    """Map a ClearerVoice state dict (no ``module.`` prefix) onto ``model``'s names and shapes.
-
-    Every key is accounted for: unknown or surplus keys ("unexpected"), weights the model
-    needs that the checkpoint lacks ("missing") and weights of another shape are listed by
-    name in a :class:`CheckpointMismatchError`. ``strict=False`` loads what fits and warns
-    about missing and unexpected keys by name; a wrong shape or a wrong constant is always an
-    error. Fixed buffers of the reference (rotary and sinusoidal frequencies) are compared with
-    ours instead of loaded.
-    """
-    target = model.state_dict()
-    constants = {"masker.pos_enc.inv_freq": model.masker.pos_enc.inv_freq,
-                 "rotary": model.masker.rotary.freqs}
-    out, unexpected, wrong_shape, wrong_constant = {}, [], [], []
-    for key, value in state.items():
-        if _CONSTANT_KEYS.match(key):
-            ours = constants["rotary"] if "rotary" in key else constants["masker.pos_enc.inv_freq"]
-            if value.shape != ours.shape or not torch.allclose(value.double().cpu(), ours.double().cpu()):
-                wrong_constant.append(f"{key}: checkpoint {tuple(value.shape)} differs from the "
-                                      f"fixed frequencies {tuple(ours.shape)} of this model")
-            continue
-        name = clearvoice_to_ours(key)
-        if name is None or name not in target:
-            unexpected.append(key + (f" (-> {name})" if name else ""))
-            continue
-        want = target[name].shape
-        if value.shape != want:
-            extra = value.shape[len(want):]
-            if value.shape[:len(want)] == want and all(s == 1 for s in extra):
-                value = value.reshape(want)  # a 1x1 conv into a linear layer, (k, 1) conv into (k)
-            else:
-                wrong_shape.append(f"{key}: checkpoint {tuple(value.shape)}, model {name} "
-                                   f"expects {tuple(want)}")
-                continue
-        out[name] = value
-    missing = [f"{ours_to_clearvoice(k) or '?'} (model {k})" for k in target if k not in out]
-    problems = []
-    if wrong_shape:
-        problems.append(f"wrong shape ({len(wrong_shape)}):\n    " + "\n    ".join(wrong_shape))
-    if wrong_constant:
-        problems.append(f"wrong fixed buffer ({len(wrong_constant)}):\n    " + "\n    ".join(wrong_constant))
-    soft = []
-    if missing:
-        soft.append(f"missing ({len(missing)}):\n    " + "\n    ".join(missing))
-    if unexpected:
-        soft.append(f"unexpected ({len(unexpected)}):\n    " + "\n    ".join(unexpected))
-    cfg = getattr(model, "config", {})
-    what = f"{type(model).__name__}({', '.join(f'{k}={v}' for k, v in cfg.items())})"
-    if problems or (strict and soft):
-        raise CheckpointMismatchError(
-            f"the checkpoint does not fit {what}:\n  " + "\n  ".join(problems + (soft if strict else []))
-            + "\nIs it a ClearerVoice MossFormer2_SS checkpoint of this configuration? "
-            "load_clearvoice_checkpoint(path) without a model builds the matching one.")
-    if soft:
-        warnings.warn(f"loading a partial checkpoint into {what}:\n  " + "\n  ".join(soft), stacklevel=3)
-    return out
-
-
-def load_clearvoice_checkpoint(path_or_state_dict, model: MossFormer2 | None = None,
-                               strict: bool = True) -> MossFormer2:
-    """Load ClearerVoice ``MossFormer2_SS_16K`` weights into ``model`` (or into a new
-    :class:`MossFormer2` whose configuration is read off the checkpoint) and return it.
-
-    ``path_or_state_dict``: a file saved as ``{'model': state_dict, ...}`` or as a bare state
-    dict, or such a dict; a ``module.`` prefix is stripped. Any key that does not fit raises a
-    :class:`CheckpointMismatchError` naming it (see :func:`convert_clearvoice_state_dict`).
-    """
-    state = read_clearvoice_state_dict(path_or_state_dict)
-    if model is None:
-        model = MossFormer2(**clearvoice_config(state))
-    converted = convert_clearvoice_state_dict(state, model, strict=strict)
-    model.load_state_dict(converted, strict=strict)
-    return model
-
-
-def clearvoice_reference():
-    """The reference code, module ``clearvoice/models/mossformer2_ss/mossformer2.py`` of the PyPI
-    package ``clearvoice`` (for equivalence tests and benchmarks; ``MossFormer2_SS_16K(args).model``
-    is the network). Only that sub-package is imported: the package's ``__init__`` pulls in heavy
-    dependencies the model does not need. Raises ImportError with the install command."""
-    missing = [dep for dep in ("clearvoice", "einops", "rotary_embedding_torch", "torchinfo")
-               if importlib.util.find_spec(dep) is None]
-    if missing:
-        raise ImportError(f"the ClearerVoice reference needs {', '.join(missing)}: "
-                          "pip install --no-deps -r requirements-ref.txt")
-    name = "_clearvoice_mossformer2_ss"
-    if name not in sys.modules:
-        root = importlib.util.find_spec("clearvoice").submodule_search_locations[0]
-        folder = os.path.join(root, "models", "mossformer2_ss")
-        spec = importlib.util.spec_from_file_location(
-            name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[name] = package
-        spec.loader.exec_module(package)
-    return importlib.import_module(name + ".mossformer2")

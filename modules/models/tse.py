@@ -1,9 +1,9 @@
 """Target-speaker extraction (TSE) with WavLM: speaker-side modules, WavLMTasNet, WavLMDynamicTasNet.
 
 Both models extract the speaker of an enrollment utterance from a mixture. They share the TasNet
-skeleton of :mod:`modules.tasnet` (learned encoder at a 10 ms hop, a sigmoid mask on the
-mixture's encoding predicted by a :class:`~modules.tasnet.TCN` head with ``n_src=1``, learned
-decoder) and the WavLM lobe of :mod:`modules.wavlm` (frozen by default, fine-tunable). Input
+skeleton of :mod:`modules.models.base` (learned encoder at a 10 ms hop, a sigmoid mask on the
+mixture's encoding predicted by a :class:`~modules.models.convtasnet.TCN` head with ``n_src=1``, learned
+decoder) and the WavLM lobe of :mod:`modules.models.wavlm` (frozen by default, fine-tunable). Input
 ``mix [batch, time]``, ``enroll [batch, time']`` with SpeechBrain relative lengths; output the
 target estimate ``[batch, time]``.
 
@@ -51,8 +51,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .tasnet import TCN, Decoder, Encoder, EncoderMaskerDecoder, TemporalBlock
-from .wavlm import WavLM, mask_value, segment_attention_bias
+from modules.models.base import Decoder, Encoder, EncoderMaskerDecoder
+from modules.models.convtasnet import TCN, TemporalBlock
+from modules.models.wavlm import WavLM, mask_value, segment_attention_bias
 
 __all__ = [
     "LayerWeights",
@@ -273,7 +274,7 @@ def sequence_layout(enroll_samples: torch.Tensor, mix_samples: torch.Tensor, sil
     The enrolment is zero-padded to a multiple of the frame stride and the silence rounded up to
     one, so that the mixture starts on a frame boundary whatever the lengths.
     """
-    from .wavlm import conv_output_lengths
+    from modules.models.wavlm import conv_output_lengths
 
     stride = math.prod(strides)
     enroll_samples, mix_samples = enroll_samples.long(), mix_samples.long()
@@ -321,7 +322,7 @@ def qkb_key_bias(scores: torch.Tensor, mode: str = "hard", tau: float = 0.5,
         ``[batch, frames]`` from :func:`qkb_scores`.
     mode : str
         ``hard``: keys with ``s_t < tau`` get :data:`SAFE_MASK` (float16's
-        :func:`~modules.wavlm.mask_value`: finite in every dtype, zero weight after the softmax),
+        :func:`~modules.models.wavlm.mask_value`: finite in every dtype, zero weight after the softmax),
         the others 0. ``soft``: ``scale * log(s_t)`` (differentiable; ``scale`` may be a
         learnable tensor). ``none``: no bias.
     padding_mask : torch.Tensor, optional
@@ -374,8 +375,8 @@ def extraction_metrics(mix: torch.Tensor, est: torch.Tensor, target: torch.Tenso
     """Scores of one extracted utterance (all ``[time]``): SI-SDR of the estimate against the
     target, its improvement over the mixture, SI-SDR against the interferer, and ``confused`` =
     1.0 when the estimate is closer to the interferer than to the target (the wrong speaker was
-    extracted), else 0.0. SI-SDR is :func:`modules.losses.si_snr` (Le Roux et al., 2019)."""
-    from .losses import si_snr
+    extracted), else 0.0. SI-SDR is :func:`modules.models.losses.si_snr` (Le Roux et al., 2019)."""
+    from modules.models.losses import si_snr
 
     est, target, interferer, mix = (x.float() for x in (est, target, interferer, mix))
     to_target, to_interferer = float(si_snr(est, target)), float(si_snr(est, interferer))
@@ -397,7 +398,7 @@ def _sample_lengths(wav: torch.Tensor, lens) -> torch.Tensor:
 
 class _WavLMExtractor(EncoderMaskerDecoder):
     """Shared part of the two models: TasNet encoder/decoder, the sigmoid mask head
-    (:class:`~modules.tasnet.TCN` with ``n_src=1``, ``mask_blocks`` blocks of dilations 1, 2, 4, ...)
+    (:class:`~modules.models.convtasnet.TCN` with ``n_src=1``, ``mask_blocks`` blocks of dilations 1, 2, 4, ...)
     and the interpolation of WavLM frames onto encoder frames. Subclasses implement
     :meth:`condition` (features ``[batch, encoder_dim, encoder frames]``)."""
 
@@ -445,7 +446,7 @@ class WavLMTasNet(_WavLMExtractor):
 
     Arguments
     ---------
-    wavlm : modules.wavlm.WavLM
+    wavlm : modules.models.wavlm.WavLM
         The lobe (its ``freeze`` decides frozen or fine-tuned).
     encoder_dim, kernel_size, stride : int
         TasNet encoder: 512 filters of 320 samples every 160 (20 ms window, 10 ms hop at 16 kHz).
@@ -494,7 +495,7 @@ class WavLMDynamicTasNet(_WavLMExtractor):
 
     Arguments
     ---------
-    wavlm : modules.wavlm.WavLM
+    wavlm : modules.models.wavlm.WavLM
     num_hybrid_layers : int
         N, the layers run on ``[enroll | silence | mix]`` before the sequence switch (5).
     hybrid_mask : bool

@@ -29,6 +29,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from modules.data.audio import audio_info, read_audio, resample
+from modules.data.seeding import EpochSeeded
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +42,11 @@ INSTRUMENTS = {
     "violin": 40, "viola": 41, "cello": 42, "trumpet": 56, "english horn": 69,
 }
 VOICES = ("Soprano", "Alto", "Tenor", "Bass")
+# Seeds of the fixed sets, from the data seed: training draws from `seed` per epoch, validation
+# from seed + VALID_SEED_OFFSET, the test set of n instruments from seed + TEST_SEED_OFFSET + n
+# (apart from the validation seed for any n >= 0)
+VALID_SEED_OFFSET = 1
+TEST_SEED_OFFSET = 10
 
 
 @dataclass
@@ -105,8 +114,6 @@ def load_chorales(cache_folder: str, limit: int | None = None) -> dict:
             cached = json.load(f)
         chorales = {k: [[Note(*n) for n in part] for part in v] for k, v in cached.items()}
     else:
-        from tqdm import tqdm
-
         chorales = {}
         scores = sorted(corpus.getComposer("bach"), key=str)
         with tqdm(total=limit or len(scores), desc="parsing chorales", unit="score") as bar:
@@ -225,7 +232,7 @@ def make_example(uid, parts, rng, n_instruments=2, sample_rate=16000, renderer=N
     return MusicExample(uid, stems.sum(1), stems, notes, names, sample_rate)
 
 
-class ChoraleDataset(Dataset):
+class ChoraleDataset(EpochSeeded, Dataset):
     """Examples rendered from chorales: fixed (``n_items`` drawn once from ``seed``, for
     valid/test) or drawn anew every epoch from ``(seed, epoch, index)`` (training)."""
 
@@ -238,16 +245,13 @@ class ChoraleDataset(Dataset):
         self.seed, self.fixed, self.example_kw, self.epoch = seed, fixed, example_kw, 0
         self.soundfont, self._renderer = soundfont, None
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
     def __len__(self):
         return self.n_items
 
     def example(self, i: int) -> MusicExample:
         if self._renderer is None:  # one synthesiser per worker process
             self._renderer = Renderer(self.sample_rate, self.soundfont)
-        key = (self.seed, i) if self.fixed else (self.seed, self.epoch, i)
+        key = self.item_key(i, self.fixed)
         rng = np.random.default_rng(key)
         name = self.names[int(rng.integers(len(self.names)))]
         return make_example(f"{name}_{'-'.join(map(str, key))}", self.chorales[name], rng,
@@ -393,7 +397,7 @@ def scan_stem_folder(folder: str) -> dict:
     return pieces
 
 
-class StemFolderDataset(Dataset):
+class StemFolderDataset(EpochSeeded, Dataset):
     """Examples cut from recorded pieces (:func:`scan_stem_folder`): ``n_instruments`` stems of
     one piece, an excerpt of at most ``max_seconds``, the stems resampled to ``sample_rate`` and
     kept at their recorded levels, the notes of each stem inside the excerpt. Fixed (``seed``,
@@ -410,9 +414,6 @@ class StemFolderDataset(Dataset):
         self.seed, self.fixed, self.max_seconds, self.epoch = seed, fixed, max_seconds, 0
         self._notes = {}
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
     def __len__(self):
         return self.n_items
 
@@ -423,9 +424,7 @@ class StemFolderDataset(Dataset):
         return self._notes[key]
 
     def example(self, i: int) -> MusicExample:
-        from .audio import audio_info, read_audio, resample
-
-        key = (self.seed, i) if self.fixed else (self.seed, self.epoch, i)
+        key = self.item_key(i, self.fixed)
         rng = np.random.default_rng(key)
         name = self.names[int(rng.integers(len(self.names)))]
         stems = [self.pieces[name][k] for k in
@@ -483,9 +482,10 @@ class ChoraleData:
         sets = {"train": ChoraleDataset(part["train"], self.n_train, self.train_instruments,
                                         seed=self.seed, fixed=False, **kw),
                 "valid": ChoraleDataset(part["valid"], self.n_valid, self.train_instruments,
-                                        seed=self.seed + 1, **kw)}
+                                        seed=self.seed + VALID_SEED_OFFSET, **kw)}
         for n in self.test_instruments:
-            sets[f"test{n}"] = ChoraleDataset(part["test"], self.n_test, n, seed=self.seed + 10 + n, **kw)
+            sets[f"test{n}"] = ChoraleDataset(part["test"], self.n_test, n,
+                                              seed=self.seed + TEST_SEED_OFFSET + n, **kw)
         return sets
 
     def _recorded(self) -> dict:
@@ -498,11 +498,11 @@ class ChoraleData:
         sets = {"train": StemFolderDataset(part["train"], self.n_train, self.train_instruments,
                                            seed=self.seed, fixed=False, **kw),
                 "valid": StemFolderDataset(part["valid"], self.n_valid, self.train_instruments,
-                                           seed=self.seed + 1, **kw)}
+                                           seed=self.seed + VALID_SEED_OFFSET, **kw)}
         for n in self.test_instruments:
             if any(len(v) >= n for v in part["test"].values()):
                 sets[f"test{n}"] = StemFolderDataset(part["test"], self.n_test, n,
-                                                     seed=self.seed + 10 + n, **kw)
+                                                     seed=self.seed + TEST_SEED_OFFSET + n, **kw)
             else:
                 logger.warning("no test piece has %d instruments: no test%d set", n, n)
         return sets

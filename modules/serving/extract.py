@@ -1,0 +1,40 @@
+"""Command line: extract one speaker, given an enrolment recording, from a mixture (or from every
+mixture of a folder / of a list file, all with the same enrolment).
+
+    python -m modules.serving.extract --mix <in.wav | folder | list.txt | wav.scp> --enroll <speaker.wav> \
+        --model <folder or HF id> --out <dir>
+
+Writes ``<out>/<name>_target.wav`` per mixture (see ``--help`` for how names are made, and
+:class:`modules.serving.inference.TargetSpeakerExtractor`). A mixture that cannot be processed
+is reported and skipped; exit status 1 if any failed, 2 if the command line cannot run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from modules.serving.inference import TargetSpeakerExtractor
+from modules.serving.separate import common_arguments, run
+
+
+def main(argv=None):
+    p = common_arguments(__doc__, "_target.wav", input_option="--mix")
+    p.add_argument("--enroll", required=True, help="enrolment recording of the speaker to extract")
+    p.add_argument("--channel", type=int, default=None, help="use this channel of each file")
+    p.add_argument("--resample_output", action="store_true",
+                   help="write the estimate at the mixture's sample rate")
+    a = p.parse_args(argv)
+    if not os.path.isfile(a.enroll):
+        print(f"error: enrolment {a.enroll} is not a file", file=sys.stderr)
+        return 2
+
+    def work(tse, item):
+        tse.extract_file(item.path, a.enroll, output_dir=item.output_dir(a.out), channel=a.channel,
+                         resample_output=a.resample_output)
+
+    return run(a, TargetSpeakerExtractor, [r"_target\.wav"], work, "extracting")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

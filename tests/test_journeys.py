@@ -1,0 +1,228 @@
+"""What a user walks through, end to end, asserting the effect and never the log.
+
+Train briefly with non-default model options -> export -> load through the Pretrained interface
+-> the same output as the trained model on the same input. The trained model is rebuilt from the
+recipe yaml with the run's overrides (not from what export wrote), and loaded with the best
+checkpoint's weights. Also: the learning-rate schedule reaches the optimizer and survives a
+resume; export never picks an interrupted checkpoint; the time budget holds with validation
+included; fine-tuning starts from another run's weights; an outside yaml is refused.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import speechbrain as sb
+import torch
+from hyperpyyaml import load_hyperpyyaml
+
+from conftest import ROOT
+from modules.serving.export import export
+from modules.serving.inference import (Separator, TargetSpeakerExtractor, TimbreTranscriber,
+                                       UntrustedModelError)
+from modules.training.brain import BaseBrain, BudgetedEpochCounter, SafeCheckpointer, best_checkpoint
+from test_recipes import SMALL_DATA, TINY_MODEL
+from test_target_speaker import SMALL_DATA as TSE_DATA
+from test_target_speaker import write_tone_corpus
+
+SEP = os.path.join(ROOT, "recipes", "separation")
+
+
+def train(recipe, yaml, out, *args):
+    cmd = [sys.executable, os.path.join(ROOT, "recipes", recipe, "train.py"),
+           os.path.join(ROOT, "recipes", recipe, "hparams", yaml), f"--output_folder={out}",
+           "--noprogressbar", "--number_of_epochs=1", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+
+
+def trained_model(recipe, yaml, out, args):
+    """The model of the recipe yaml with the run's overrides, holding the best checkpoint."""
+    pairs = [a[2:].partition("=") for a in args if a != "--noprogressbar"]
+    overrides = "\n".join(f"{k}: {v}" for k, _, v in pairs) + f"\noutput_folder: {out}"
+    with open(os.path.join(ROOT, "recipes", recipe, "hparams", yaml)) as f:
+        hp = load_hyperpyyaml(f, overrides)  # as SpeechBrain reads command-line overrides
+    ckpt = best_checkpoint(str(out / "save"), hp["valid_metric"], hp["valid_metric_mode"])
+    model = hp["model"]
+    model.load_state_dict(torch.load(os.path.join(ckpt, "model.ckpt"), weights_only=True))
+    return model.eval(), hp
+
+
+SEPARATION_CASES = {
+    "convtasnet-causal-cln-sigmoid-3spk-16k": (
+        "convtasnet-small.yaml",
+        [*TINY_MODEL, "--norm=cLN", "--causal=True", "--mask_act=sigmoid", "--num_spks=3",
+         "--sample_rate=16000"]),
+    "mossformer2-tiny": ("mossformer2-tiny.yaml", ["--sample_rate=8000"]),
+    "dpcl": ("dpcl.yaml", ["--hidden=16", "--emb_dim=4"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEPARATION_CASES))
+def test_separation_train_export_load_gives_the_trained_model(case, tmp_path, cache):
+    yaml, model_args = SEPARATION_CASES[case]
+    out = tmp_path / "run"
+    args = [*SMALL_DATA, f"--cache_folder={cache}", *model_args]
+    train("separation", yaml, out, *args)
+    model, hp = trained_model("separation", yaml, out, [a for a in args if "cache" not in a])
+    hub = export(str(out), str(tmp_path / "hub"))
+    sep = Separator.from_hparams(source=hub, savedir=str(tmp_path / "loaded"))
+    assert sep.sample_rate == hp["sample_rate"]
+    x = 0.1 * torch.randn(1, int(0.7 * hp["sample_rate"]), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(x)
+        got = sep.separate_batch(x)
+    assert got.shape == want.shape == (1, x.shape[1], hp["num_spks"])
+    assert (got - want).abs().max() <= 1e-5
+    if "causal" in case:  # the exported model is still causal: the future does not move the past
+        y = x.clone()
+        y[:, x.shape[1] // 2:] += torch.randn(1, x.shape[1] - x.shape[1] // 2)
+        with torch.no_grad():
+            moved = sep.separate_batch(y)
+        receptive_lookahead = sep.mods.model.encoder.kernel_size  # one frame of the encoder
+        cut = x.shape[1] // 2 - receptive_lookahead
+        assert torch.allclose(moved[:, :cut], got[:, :cut], atol=1e-5)
+
+
+@pytest.mark.parametrize("yaml", ["wavlm_tasnet-tiny.yaml", "wavlm_dynamic_tasnet-tiny.yaml"])
+def test_extraction_train_export_load_gives_the_trained_model(yaml, tmp_path):
+    corpus = write_tone_corpus(str(tmp_path / "corpus"), n_speakers=6, utts=2)
+    out = tmp_path / "run"
+    args = [*[a for a in TSE_DATA if a != "--noprogressbar"], f"--data_folder={corpus}",
+            "--norm=cLN"]
+    train("target_speaker", yaml, out, *args)
+    model, hp = trained_model("target_speaker", yaml, out, args)
+    hub = export(str(out), str(tmp_path / "hub"))
+    tse = TargetSpeakerExtractor.from_hparams(source=hub, savedir=str(tmp_path / "loaded"))
+    gen = torch.Generator().manual_seed(0)
+    mix, enroll = torch.randn(1, 6000, generator=gen), torch.randn(1, 5000, generator=gen)
+    with torch.no_grad():
+        assert (tse.extract_batch(mix, enroll) - model(mix, enroll)).abs().max() <= 1e-5
+
+
+def test_timbre_train_export_load_gives_the_trained_model(tmp_path):
+    out = tmp_path / "timbre"
+    args = ["--max_chorales=12", "--n_train=4", "--n_valid=1", "--n_test=1", "--max_seconds=1.5",
+            "--channels=12", "--blocks=2", "--emb_dim=8", "--n_examples=1"]
+    train("timbre", "timbre.yaml", out, f"--cache_folder={tmp_path / 'cache'}", *args)
+    model, hp = trained_model("timbre", "timbre.yaml", out, args)
+    tr = TimbreTranscriber.from_hparams(source=export(str(out), str(tmp_path / "hub")),
+                                        savedir=str(tmp_path / "loaded"))
+    x = 0.1 * torch.randn(1, 16000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model(x), tr(x)
+    for key in ("note_logits", "onset_logits", "embeddings"):
+        assert (want[key] - got[key]).abs().max() <= 1e-5, key
+
+
+class _TinyBrain(BaseBrain):
+    def compute_forward(self, batch, stage):
+        return self.modules.model(batch)
+
+    def compute_objectives(self, out, batch, stage):
+        return out.square().mean()
+
+
+def _brain(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    counter = BudgetedEpochCounter(10)
+    scheduler = sb.nnet.schedulers.ReduceLROnPlateau(factor=0.5, patience=1, dont_halve_until_epoch=0)
+    ckpt = SafeCheckpointer(str(tmp_path / "save"), recoverables={"model": model, "counter": counter,
+                                                                  "lr_scheduler": scheduler})
+    hparams = {"epoch_counter": counter, "lr_scheduler": scheduler, "valid_metric": "si-snr",
+               "valid_metric_mode": "max", "output_folder": str(tmp_path)}
+    brain = _TinyBrain(modules={"model": model}, opt_class=lambda p: torch.optim.Adam(p, lr=1e-3),
+                       hparams=hparams, checkpointer=ckpt, run_opts={"noprogressbar": True})
+    brain.on_fit_start()
+    return brain
+
+
+def _validate(brain, epoch, si_snr):
+    brain.on_stage_start(sb.Stage.VALID, epoch)
+    brain.stage_metrics, brain.stage_count = {"si-snr": si_snr}, 1
+    brain.on_stage_end(sb.Stage.VALID, 0.0, epoch)
+
+
+def test_learning_rate_halves_on_the_optimizer_and_survives_a_resume(tmp_path):
+    brain = _brain(tmp_path)
+    rates = []
+    for epoch, metric in enumerate([5.0, 6.0, 5.5, 5.5, 5.5], start=1):  # improves, then worse
+        brain.hparams.epoch_counter.current = epoch
+        _validate(brain, epoch, metric)
+        rates.append(brain.optimizer.param_groups[0]["lr"])
+    assert rates[0] == rates[1] == 1e-3 and rates[-1] < 1e-3  # halved on the optimizer itself
+    resumed = _brain(tmp_path)
+    resumed.checkpointer.recover_if_possible()
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(rates[-1])
+
+
+def test_export_skips_a_checkpoint_whose_writing_was_interrupted(tmp_path, cache):
+    out = tmp_path / "run"
+    args = [*SMALL_DATA, f"--cache_folder={cache}", *TINY_MODEL]
+    train("separation", "convtasnet-small.yaml", out, *args)
+    good = best_checkpoint(str(out / "save"))
+    # a later checkpoint with a better score, killed while its files were being written
+    broken = out / "save" / "CKPT+2099-01-01+00-00-00+00"
+    broken.mkdir()
+    (broken / SafeCheckpointer.MARKER).touch()
+    (broken / "CKPT.yaml").write_text("si-snr: 99.0\nunixtime: 4.0e9\nend-of-epoch: true\n")
+    (broken / "model.ckpt").write_bytes(b"PK\x03\x04 half a file")
+    assert best_checkpoint(str(out / "save")) == good
+    hub = export(str(out), str(tmp_path / "hub"))  # loads back with the complete weights
+    assert os.path.exists(os.path.join(hub, "model.safetensors"))
+
+
+def test_time_budget_holds_with_validation_included():
+    """Counted steps on a fake clock: 1 s per training step, 4 s per validation batch, a budget
+    of 60 s. Training stops early enough that its validation pass fits."""
+    now = [0.0]
+    model = torch.nn.Linear(1, 1)
+    counter = BudgetedEpochCounter(100, max_minutes=1.0)
+    counter.clock = lambda: now[0]
+
+    class Clocked(_TinyBrain):
+        def fit_batch(self, batch):
+            now[0] += 1.0
+            return torch.tensor(0.0)
+
+        def evaluate_batch(self, batch, stage):
+            now[0] += 4.0
+            return torch.tensor(0.0)
+
+        def on_stage_end(self, stage, stage_loss, epoch=None):
+            if stage == sb.Stage.VALID:
+                self._valid_seconds = counter.clock() - self._valid_start
+
+    brain = Clocked(modules={"model": model}, opt_class=lambda p: torch.optim.SGD(p, lr=0.1),
+                    hparams={"epoch_counter": counter}, run_opts={"noprogressbar": True})
+    train_set = [torch.zeros(1, 1)] * 30                    # 30 steps per epoch
+    valid_set = [torch.zeros(1, 1)] * 3                     # 12 s of validation
+    loader = {"batch_size": 1, "collate_fn": lambda items: items[0]}
+    brain.fit(counter, train_set, valid_set, train_loader_kwargs=loader, valid_loader_kwargs=loader)
+    assert now[0] <= 60.0 + 1.0  # at most the step that was running when the budget ran out
+    assert counter.current >= 1
+
+
+def test_fine_tuning_starts_from_another_runs_weights(tmp_path, cache):
+    first, second = tmp_path / "first", tmp_path / "second"
+    args = [*SMALL_DATA, f"--cache_folder={cache}", *TINY_MODEL]
+    train("separation", "convtasnet-small.yaml", first, *args)
+    hub = export(str(first), str(tmp_path / "hub"))
+    start = torch.load(os.path.join(best_checkpoint(str(first / "save")), "model.ckpt"), weights_only=True)
+    # zero learning rate: the second run's weights stay those it started from
+    train("separation", "convtasnet-small.yaml", second, *args, f"--init_from={hub}", "--lr=0.0")
+    after = torch.load(os.path.join(best_checkpoint(str(second / "save")), "model.ckpt"), weights_only=True)
+    assert all(torch.equal(start[k], after[k]) for k in start)
+
+
+def test_a_folder_whose_yaml_names_outside_code_is_refused(tmp_path):
+    from conftest import inference_yaml
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "hyperparams.yaml").write_text(inference_yaml(extra="hook: !apply:os.system ['true']"))
+    with pytest.raises(UntrustedModelError, match="trust_code=True"):
+        Separator.from_hparams(source=str(hub), savedir=str(tmp_path / "loaded"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Separator.from_hparams(source=str(tmp_path / "missing"), savedir=str(tmp_path / "x"))
