@@ -10,7 +10,7 @@ DEMO_OUT ?= results/demo
 
 .PHONY: demo test venv clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-ref.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-ref.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (or run: make PYTHON=python3 ...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -19,8 +19,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-ref.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-ref.txt
 	# SoundFont synthesiser for modules/data/music.py; --no-deps: its pyaudio is not needed offline
 	$(PY) -m pip install --quiet --no-deps tinysoundfont==0.3.7
-	# make `import modules` work from anywhere inside the venv (recipes, tests, HyperPyYAML)
-	$(PY) -c "import site; open(site.getsitepackages()[0] + '/sb_separation_recipes.pth', 'w').write('$(CURDIR)\n')"
+	# the project itself (editable): `import modules` works from anywhere inside the venv
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed
