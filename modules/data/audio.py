@@ -13,6 +13,7 @@ from functools import lru_cache
 import numpy as np
 import soundfile as sf
 import torch
+import torchaudio.functional as AF
 
 PEAK = 0.99
 #: relative distance from a channel's peak within which a sample counts as at that peak
@@ -100,8 +101,6 @@ def resample(x: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     """Resample the last dimension from ``orig_sr`` to ``new_sr`` (integers, any ratio)."""
     if orig_sr == new_sr:
         return x
-    import torchaudio.functional as AF
-
     g = math.gcd(int(orig_sr), int(new_sr))
     return AF.resample(x, int(orig_sr) // g, int(new_sr) // g)
 
