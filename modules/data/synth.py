@@ -17,6 +17,7 @@ import os
 import numpy as np
 import soundfile as sf
 from scipy.signal import lfilter
+from tqdm import tqdm
 
 # Average adult formants F1-F3 (Hz) of five vowels (Peterson & Barney style figures).
 VOWELS = np.array([
@@ -111,8 +112,6 @@ def make_corpus(root: str, seed: int = 1234, n_speakers: int = 24, utts_per_spea
         return folder
     items = [(s, u) for s in range(n_speakers) for u in range(utts_per_speaker)]
     if progress:
-        from tqdm import tqdm
-
         items = tqdm(items, desc="synthesising speech-like corpus", unit="utt")
     for s, u in items:
         profile = speaker_profile(seed, s)
