@@ -197,7 +197,8 @@ def run_recipe(yaml, out, *args):
 
 @pytest.mark.parametrize("yaml", YAMLS, ids=[os.path.basename(y) for y in YAMLS])
 def test_debug_run_of_every_yaml(yaml, tmp_path, corpus, tiny_wavlm_folder):
-    args = ["--debug", "--debug_batches=1", "--debug_epochs=1", f"--data_folder={corpus}", *SMALL_DATA]
+    args = ["--debug", "--debug_batches=1", "--debug_epochs=1", f"--data_folder={corpus}",
+            f"--cache_folder={tmp_path / 'cache'}", *SMALL_DATA]
     if "tiny" not in yaml:
         # the WavLM-base yamls on a tiny local HF folder (a random base-size WavLM would make
         # this test take minutes on a CPU): same code path, `wavlm_source: <folder>`
