@@ -226,26 +226,21 @@ def test_balancer_harmonic_iir_and_dwa_by_hand():
     assert total.item() == pytest.approx(3 * h, rel=1e-6)
 
 
-def test_balancer_dwa_per_epoch_and_eval_mode():
-    bal = LossBalancer(2, harmonic=False, dwa=True, temperature=1.0, dwa_level="epoch")
-    for epoch in ([(4.0, 1.0), (2.0, 1.0)], [(1.0, 1.0), (2.0, 0.5)]):  # means (3, 1), (1.5, .75)
-        for losses in epoch:
-            assert bal([torch.tensor(x) for x in losses])[1].tolist() == [1.0, 1.0]
-        bal.end_epoch()
+def test_balancer_eval_mode_leaves_the_state_and_the_state_restores():
+    bal = LossBalancer(2, harmonic=False, dwa=True, temperature=1.0)
+    for losses in [(3.0, 1.0), (1.5, 0.75)]:
+        assert bal([torch.tensor(x) for x in losses])[1].tolist() == [1.0, 1.0]
     e = (math.exp(1.5 / 3.0), math.exp(0.75 / 1.0))
     want = [2 * e[0] / sum(e), 2 * e[1] / sum(e)]
-    assert bal([torch.tensor(1.0), torch.tensor(1.0)])[1].tolist() == pytest.approx(want)
     state = {k: v.clone() for k, v in bal.state_dict().items()}
     bal.eval()
-    bal([torch.tensor(9.0), torch.tensor(0.1)])
-    bal.end_epoch()
+    assert bal([torch.tensor(9.0), torch.tensor(0.1)])[1].tolist() == pytest.approx(want)
+    assert all(torch.equal(v, state[k]) for k, v in bal.state_dict().items())
     bal.train()
-    bal.end_epoch()  # the training step above is a partial epoch: it is pushed here
+    bal([torch.tensor(9.0), torch.tensor(0.1)])  # a training step moves the history
     assert not torch.equal(bal.history, state["history"])
     bal.load_state_dict(state)
-    bal.eval()
-    bal([torch.tensor(9.0), torch.tensor(0.1)])
-    assert all(torch.equal(v, state[k]) for k, v in bal.state_dict().items())
+    assert bal([torch.tensor(1.0), torch.tensor(1.0)])[1].tolist() == pytest.approx(want)
 
 
 def test_balancer_state_dict_round_trip():

@@ -104,7 +104,7 @@ def test_extraction_train_export_load_gives_the_trained_model(yaml, tmp_path):
 def test_timbre_train_export_load_gives_the_trained_model(tmp_path):
     out = tmp_path / "timbre"
     args = ["--max_chorales=12", "--n_train=4", "--n_valid=1", "--n_test=1", "--max_seconds=1.5",
-            "--channels=12", "--blocks=2", "--emb_dim=8", "--n_examples=1"]
+            "--channels=16", "--blocks=2", "--emb_dim=8", "--n_examples=1"]
     train("timbre", "timbre.yaml", out, f"--cache_folder={tmp_path / 'cache'}", *args)
     model, hp = trained_model("timbre", "timbre.yaml", out, args)
     tr = TimbreTranscriber.from_hparams(source=export(str(out), str(tmp_path / "hub")),

@@ -9,7 +9,7 @@ Losses
       "Deep clustering: discriminative embeddings for segmentation and separation", ICASSP 2016)
       in its low-rank form ``||V^T V||^2 - 2 ||V^T Y||^2 + ||Y^T Y||^2``: cost
       ``O(N D^2)``, the ``N x N`` affinity matrices are never built.
-    * :func:`leaky_deep_clustering_loss`: ``||LeakyReLU(V V^T) - Y Y^T||_F^2`` (seed 004: negative
+    * :func:`leaky_deep_clustering_loss`: ``||LeakyReLU(V V^T) - Y Y^T||_F^2`` (negative
       similarity between different classes is penalised less, slope 0.3). No low-rank form exists,
       so it is computed exactly over blocks of the matrix, with a hand-written backward that
       recomputes each block: memory ``O(chunk^2)``, time ``O(N^2 D)``.
@@ -17,7 +17,7 @@ Losses
       detection", ICCV 2017): ``-alpha_t (1 - p_t)^gamma log(p_t)``, for note / onset posteriors.
 
 Loss balancing (:class:`LossBalancer`)
-    * harmonic normalisation (seed 004): ``alpha_i L_i = 1 / sum_j (1 / L_j)`` for every ``i``,
+    * harmonic normalisation: ``alpha_i L_i = 1 / sum_j (1 / L_j)`` for every ``i``,
       low-pass filtered over steps;
     * dynamic weight averaging (Liu, Johns & Davison, "End-to-end multi-task learning with
       attention", CVPR 2019): ``w_i = K softmax_i(r_i / T)``, ``r_i = L_i(t-1) / L_i(t-2)``.
@@ -174,7 +174,7 @@ def leaky_deep_clustering_loss(v: torch.Tensor, y: torch.Tensor,
                                chunk_size: int = 512, norm: str = "active") -> torch.Tensor:
     """``||LeakyReLU(V V^T) - Y Y^T||_F^2`` per batch item, exact, computed in blocks.
 
-    The variant of seed 004: a negative similarity between units of different classes costs
+    The relaxed variant: a negative similarity between units of different classes costs
     ``(0.3 s)^2`` instead of ``s^2``. LeakyReLU does not factorise, so unlike
     :func:`deep_clustering_loss` this costs ``O(N^2 D)`` time. It is computed over blocks of
     ``chunk_size x chunk_size`` units of the (symmetric) matrix, upper triangle only, with a
@@ -250,17 +250,17 @@ class LossBalancer(nn.Module):
     ``total, weights = balancer([loss_a, loss_b, ...])``; ``total = sum_i weights_i L_i`` keeps
     the gradients of the losses, ``weights [K]`` are detached: ``weights = alpha * w``.
 
-    * Harmonic normalisation (seed 004), on the detached losses of the step:
+    * Harmonic normalisation, on the detached losses of the step:
       ``alpha_new_i = H / L_i`` with ``H = 1 / sum_j (1 / L_j)``, so ``alpha_new_i L_i = H`` for
       every ``i``: the weighted losses are equal, each the "parallel resistance" of all the
       losses, so the smallest sets the scale. Low-pass filtered (IIR) on the weights:
       ``alpha <- beta alpha + (1 - beta) alpha_new``, the first update takes ``alpha_new``.
       Losses must be positive.
     * DWA (Liu et al. 2019): ``w_i = K softmax_i(r_i / T)``, ``r_i = L_i(t-1) / L_i(t-2)``
-      from the raw losses of the two previous updates (steps, or epoch means with
-      ``dwa_level='epoch'``, as in the paper); ``w = 1`` until two are known. Slower-decreasing
+      from the raw losses of the two previous updates (training steps; the paper uses epoch
+      means); ``w = 1`` until two are known. Slower-decreasing
       losses get more weight; normalise the scale too (``harmonic=True``), else the scale gap
-      hides DWA's reweighting (seed 004).
+      hides DWA's reweighting.
 
     State (``alpha``, loss history, counters) is in buffers, so ``state_dict`` / a SpeechBrain
     checkpointer saves and restores it. Only calls in training mode update the state; in eval
@@ -268,21 +268,17 @@ class LossBalancer(nn.Module):
     """
 
     def __init__(self, n_losses: int, harmonic: bool = True, beta: float = 0.9, dwa: bool = True,
-                 temperature: float = 2.0, dwa_level: str = "step", eps: float = 1e-12):
+                 temperature: float = 2.0, eps: float = 1e-12):
         super().__init__()
-        if dwa_level not in ("step", "epoch"):
-            raise ValueError(f"dwa_level must be 'step' or 'epoch', got {dwa_level!r}")
         if not 0 <= beta < 1:
             raise ValueError(f"beta must be in [0, 1), got {beta}")
         self.n_losses, self.harmonic, self.beta = n_losses, harmonic, beta
-        self.dwa, self.temperature, self.dwa_level, self.eps = dwa, temperature, dwa_level, eps
+        self.dwa, self.temperature, self.eps = dwa, temperature, eps
         f64 = torch.float64
         self.register_buffer("alpha", torch.ones(n_losses, dtype=f64))
         self.register_buffer("n_alpha", torch.zeros((), dtype=torch.long))
         self.register_buffer("history", torch.ones(2, n_losses, dtype=f64))  # L(t-2), L(t-1)
         self.register_buffer("n_history", torch.zeros((), dtype=torch.long))
-        self.register_buffer("epoch_sum", torch.zeros(n_losses, dtype=f64))
-        self.register_buffer("epoch_count", torch.zeros((), dtype=torch.long))
 
     def dwa_weights(self) -> torch.Tensor:
         """``K softmax(r / T)`` from the stored history, or ones before two updates."""
@@ -294,14 +290,6 @@ class LossBalancer(nn.Module):
     def _push_history(self, losses: torch.Tensor):
         self.history.copy_(torch.stack([self.history[1], losses]))
         self.n_history += 1
-
-    def end_epoch(self):
-        """With ``dwa_level='epoch'``: store the epoch's mean losses for DWA (call once per
-        epoch, e.g. in ``on_stage_end`` of the training stage)."""
-        if self.dwa_level == "epoch" and self.epoch_count > 0:
-            self._push_history(self.epoch_sum / self.epoch_count)
-            self.epoch_sum.zero_()
-            self.epoch_count.zero_()
 
     def forward(self, losses: Sequence[torch.Tensor]):
         """``losses``: K scalar tensors (or a ``[K]`` tensor) -> ``(total, weights [K])``."""
@@ -328,11 +316,7 @@ class LossBalancer(nn.Module):
                 self.n_alpha += 1
         weights = alpha * self.dwa_weights()
         if self.training and self.dwa:
-            if self.dwa_level == "step":
-                self._push_history(value)
-            else:
-                self.epoch_sum += value
-                self.epoch_count += 1
+            self._push_history(value)
         weights = weights.to(stacked.dtype)
         return (weights * stacked).sum(), weights
 
@@ -342,7 +326,7 @@ class LossBalancer(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 def _unit_measure(weights: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """Per-unit mass ``[batch, 1, N, 1]``: the weights normalised by their sum (seed 004's
+    """Per-unit mass ``[batch, 1, N, 1]``: the weights normalised by their sum (the design's
     ``mask / mask.sum()``), or uniform ``1 / N``; an all-zero item gets mass 0 everywhere."""
     b, _, n, _ = like.shape
     if weights is None:
@@ -434,7 +418,7 @@ class ClusteringAttention(nn.Module):
     block useless.
 
     ``weights`` (optional, ``[batch, F, T]`` / ``[batch, N]``, non-negative), e.g. the note
-    posterior: the "Hebbian" memory of seed 004. Keys and values (and, for flow attention, the
+    posterior: the "Hebbian" memory. Keys and values (and, for flow attention, the
     sink sums that set the competition) are weighted by ``weights / weights.sum()``, so the memory
     holds what the notes hold: ``X = sum_j m_j phi(k_j) v_j^T`` plays the part of the seed's
     ``U^T U / sum(M)``.

@@ -22,6 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from modules.data.music import Note
+from modules.models.clustering import ClusteringAttention, cluster_units
+
 
 def midi_hz(pitch):
     return 440.0 * 2.0 ** ((torch.as_tensor(pitch, dtype=torch.float64) - 69) / 12)
@@ -158,8 +161,6 @@ class TimbreNet(nn.Module):
     def __init__(self, front_end: NoteFrontEnd | None = None, channels=48, blocks=6, emb_dim=20,
                  heads=4, attention="flow", hebbian=True):
         super().__init__()
-        from modules.models.clustering import ClusteringAttention
-
         self.front_end = front_end or NoteFrontEnd()
         self.inp = nn.Conv2d(self.front_end.channels, channels, 3, padding=1)
         self.blocks = nn.Sequential(*[_ResBlock(channels, 2 ** (i % 4), 1 + (i % 2) * 11)
@@ -208,8 +209,6 @@ def roll_to_notes(roll: torch.Tensor, hop_s: float, min_pitch: int, min_frames: 
 
 
 def _note(pitch, onset, offset):
-    from modules.data.music import Note
-
     return Note(pitch, onset, offset)
 
 
@@ -264,8 +263,6 @@ def evaluate_example(out: dict, targets: dict, notes, front_end: NoteFrontEnd, k
     this transcription) and with random clustering (the baseline), the clustering accuracy of the
     active units, and the number of clusters used. ``_labels``/``_roll`` are kept for pictures.
     """
-    from modules.models.clustering import cluster_units
-
     hop_s = front_end.hop_length / front_end.sample_rate
     n = len(notes)
     roll = torch.sigmoid(out["note_logits"]) > threshold

@@ -53,7 +53,8 @@ import torch.nn.functional as F
 
 from modules.models.base import Decoder, Encoder, EncoderMaskerDecoder
 from modules.models.convtasnet import TCN, TemporalBlock
-from modules.models.wavlm import WavLM, mask_value, segment_attention_bias
+from modules.models.losses import si_snr
+from modules.models.wavlm import WavLM, conv_output_lengths, mask_value, segment_attention_bias
 
 __all__ = [
     "LayerWeights",
@@ -274,8 +275,6 @@ def sequence_layout(enroll_samples: torch.Tensor, mix_samples: torch.Tensor, sil
     The enrolment is zero-padded to a multiple of the frame stride and the silence rounded up to
     one, so that the mixture starts on a frame boundary whatever the lengths.
     """
-    from modules.models.wavlm import conv_output_lengths
-
     stride = math.prod(strides)
     enroll_samples, mix_samples = enroll_samples.long(), mix_samples.long()
     silence = -(-int(silence_samples) // stride) * stride
@@ -376,8 +375,6 @@ def extraction_metrics(mix: torch.Tensor, est: torch.Tensor, target: torch.Tenso
     target, its improvement over the mixture, SI-SDR against the interferer, and ``confused`` =
     1.0 when the estimate is closer to the interferer than to the target (the wrong speaker was
     extracted), else 0.0. SI-SDR is :func:`modules.models.losses.si_snr` (Le Roux et al., 2019)."""
-    from modules.models.losses import si_snr
-
     est, target, interferer, mix = (x.float() for x in (est, target, interferer, mix))
     to_target, to_interferer = float(si_snr(est, target)), float(si_snr(est, interferer))
     return {"si-sdr": to_target, "si-sdr_i": to_target - float(si_snr(mix, target)),

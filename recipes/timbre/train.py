@@ -29,7 +29,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from modules.training.brain import BaseBrain, train_and_test  # noqa: E402
-from modules.models.clustering import deep_clustering_loss, focal_loss  # noqa: E402
+from modules.models.clustering import deep_clustering_loss, focal_loss, leaky_deep_clustering_loss  # noqa: E402
+
+DC_LOSSES = {"lowrank": deep_clustering_loss, "leaky": leaky_deep_clustering_loss}
 from modules.models.timbre import evaluate_example, plot_example, unit_targets  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -59,10 +61,11 @@ class TimbreBrain(BaseBrain):
     def compute_objectives(self, out, batch, stage):
         targets = self._targets(batch)
         dc, note, onset = [], [], []
+        dc_loss = DC_LOSSES[self.hparams.dc_loss]
         for i, tg in enumerate(targets):
             t = tg["owner"].shape[-1]
             emb = out["embeddings"][i, :, :, :t].flatten(1).T[None].float()
-            dc.append(deep_clustering_loss(emb, tg["owner"].flatten()[None],
+            dc.append(dc_loss(emb, tg["owner"].flatten()[None],
                                            tg["active"].flatten()[None].float())[0])
             note.append(focal_loss(out["note_logits"][i, :, :t].float(), tg["rolls"].amax(0),
                                    alpha=self.hparams.focal_alpha, gamma=self.hparams.focal_gamma))
