@@ -1,6 +1,7 @@
 """Command line: separate a file, every audio file of a folder, or the files of a list file.
 
-    python -m modules.serving.separate <in.wav | folder | list.txt | wav.scp> --model <folder or HF id> --out <dir>
+    python -m modules.serving.separate <in.wav | folder | list.txt | wav.scp> \
+        --model <folder or HF id> --out <dir>
 
 Writes ``<out>/<name>_source<k>.wav`` per input (see ``--help`` for how names are made). A file
 that cannot be separated is reported and skipped; the others are still separated. Exit status 1
@@ -250,7 +251,13 @@ def load_interface(expected, a, source: str):
     if os.path.isdir(source):
         hparams = os.path.join(source, "hyperparams.yaml")
     else:
-        hparams = str(fetch(filename="hyperparams.yaml", source=source, savedir=savedir))
+        try:
+            hparams = str(fetch(filename="hyperparams.yaml", source=source, savedir=savedir))
+        except Exception as err:  # noqa: BLE001 - the Hub client raises many types
+            raise CommandError(
+                f"cannot fetch hyperparams.yaml of the Hugging Face repo {source} ({type(err).__name__}: "
+                f"{' '.join(str(err).split())}); if {source} is meant as a local folder, it does not "
+                "exist") from err
     cls = model_interface(a.model, hparams, expected, a.trust_code)
     iface = cls.from_hparams(source=source, savedir=savedir, run_opts={"device": a.device},
                              trust_code=a.trust_code)

@@ -28,8 +28,8 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     def work(tr, item):
-        r = tr.transcribe_file(item.path, n_instruments=a.n_instruments, output_dir=item.output_dir(a.out),
-                               target=a.target)
+        r = tr.transcribe_file(item.path, n_instruments=a.n_instruments,
+                               output_dir=item.output_dir(a.out), target=a.target)
         print(f"{item.path}: {r['n_instruments']} instruments, "
               f"{', '.join(str(len(n)) for n in r['notes'])} notes")
 
