@@ -115,3 +115,21 @@ def test_export_cli_writes_deployment_files(trained, tmp_path):
     with torch.no_grad():
         assert torch.allclose(torch.jit.load(str(hub / "model.torchscript.pt"))(x),
                               sep.separate_batch(x), atol=1e-6)
+
+
+def test_export_warns_about_a_model_that_makes_mixtures_worse(trained, tmp_path, capsys):
+    import json
+    import shutil
+
+    out, yaml_path = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    summary = json.loads((run / "test_summary.json").read_text())
+    summary["si-snr_i"] = -18.0
+    (run / "test_summary.json").write_text(json.dumps(summary))
+    assert export_main([str(run), str(tmp_path / "hub")]) == 0
+    assert "SI-SNRi is -18.00 dB" in capsys.readouterr().err
+    summary["si-snr_i"] = 3.0
+    (run / "test_summary.json").write_text(json.dumps(summary))
+    assert export_main([str(run), str(tmp_path / "hub2")]) == 0
+    assert "warning" not in capsys.readouterr().err

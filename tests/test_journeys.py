@@ -91,7 +91,7 @@ def test_extraction_train_export_load_gives_the_trained_model(yaml, tmp_path):
     out = tmp_path / "run"
     args = [*[a for a in TSE_DATA if a != "--noprogressbar"], f"--data_folder={corpus}",
             "--norm=cLN"]
-    train("target_speaker", yaml, out, *args)
+    train("target_speaker", yaml, out, *args, f"--cache_folder={tmp_path / 'cache'}")
     model, hp = trained_model("target_speaker", yaml, out, args)
     hub = export(str(out), str(tmp_path / "hub"))
     tse = TargetSpeakerExtractor.from_hparams(source=hub, savedir=str(tmp_path / "loaded"))
@@ -224,5 +224,10 @@ def test_a_folder_whose_yaml_names_outside_code_is_refused(tmp_path):
     (hub / "hyperparams.yaml").write_text(inference_yaml(extra="hook: !apply:os.system ['true']"))
     with pytest.raises(UntrustedModelError, match="trust_code=True"):
         Separator.from_hparams(source=str(hub), savedir=str(tmp_path / "loaded"))
+    from modules.serving.inference import interface_class
+
+    (hub / "hyperparams.yaml").write_text(inference_yaml(extra="interface: evil.Interface"))
+    with pytest.raises(UntrustedModelError, match="trust_code=True"):
+        interface_class(str(hub / "hyperparams.yaml"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Separator.from_hparams(source=str(tmp_path / "missing"), savedir=str(tmp_path / "x"))

@@ -39,6 +39,18 @@ from modules.training.brain import best_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WEIGHT_FILES = {"ckpt": "model.ckpt", "safetensors": "model.safetensors"}
+#: test-summary improvements over the mixture; below 0 dB the model makes its input worse
+IMPROVEMENT_KEYS = {"si-snr_i": "SI-SNRi", "si-sdr_i": "SI-SDRi"}
+
+
+def quality_warning(summary) -> str | None:
+    """A warning when the run's test set says the model makes mixtures worse, else None."""
+    for key in IMPROVEMENT_KEYS:
+        value = (summary or {}).get(key)
+        if isinstance(value, (int, float)) and value < 0:
+            return (f"the run's test {IMPROVEMENT_KEYS[key]} is {value:.2f} dB: the "
+                    "model makes its input worse than the mixture; train longer before sharing")
+    return None
 
 
 def _yaml() -> YAML:
@@ -320,6 +332,12 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {os.path.abspath(folder)} ({', '.join(sorted(os.listdir(folder)))})")
+    summary_path = os.path.join(a.output_folder, "test_summary.json")
+    if not a.from_clearvoice and os.path.exists(summary_path):
+        with open(summary_path) as f:
+            warning = quality_warning(json.load(f))
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     if a.deploy:
         interface = interface_class(os.path.join(folder, "hyperparams.yaml"))
         if interface is not Separator:

@@ -144,14 +144,20 @@ def chunked_separation(model, mix: torch.Tensor, chunk: int, overlap: int) -> to
     return out
 
 
-def interface_class(hparams_path: str):
+def interface_class(hparams_path: str, trust_code: bool = False):
     """The Pretrained class that serves a model folder: the yaml's top-level
-    ``interface: <module.Class>`` line, or :class:`Separator` when there is none."""
-    with open(hparams_path) as f:
+    ``interface: <module.Class>`` (read as YAML), or :class:`Separator` when there is none. A
+    class outside :data:`TRUSTED_PACKAGES` is refused unless ``trust_code``."""
+    with open(hparams_path, encoding="utf-8") as f:
         m = re.search(r"^interface:[ \t]*([\w.]+)", f.read(), re.M)
     if not m:
         return Separator
     module, _, name = m.group(1).rpartition(".")
+    if module.split(".")[0] not in TRUSTED_PACKAGES and not trust_code:
+        raise UntrustedModelError(
+            f"{hparams_path} names the interface {m.group(1)}, outside "
+            f"{', '.join(TRUSTED_PACKAGES)}; if you trust this folder, pass trust_code=True "
+            "(command line: --trust_code)")
     return getattr(importlib.import_module(module), name)
 
 

@@ -233,7 +233,7 @@ def model_interface(source: str, hparams: str, expected, trust_code: bool):
     ``expected`` or a subclass of it; otherwise :class:`CommandError` naming the command that
     serves it."""
     check_trusted(hparams, trust_code)  # before interface_class imports what the yaml names
-    cls = interface_class(hparams)
+    cls = interface_class(hparams, trust_code)
     if isinstance(cls, type) and issubclass(cls, expected):
         return cls
     command = next((c for k, c in COMMANDS.items() if isinstance(cls, type) and issubclass(cls, k)),

@@ -271,6 +271,10 @@ class BaseBrain(sb.Brain):
         clock = getattr(counter, "clock", time.monotonic)
         if stage == sb.Stage.TRAIN:
             self._train_start = clock()
+            if isinstance(counter, BudgetedEpochCounter) and counter.max_minutes > 0:
+                logger.info("epoch %s: %.1f of %.1f budget minutes left; the epoch stops when they "
+                            "run out (the progress bar's estimate is for the whole epoch)", epoch,
+                            counter.max_minutes - counter.elapsed / 60, counter.max_minutes)
         elif stage == sb.Stage.VALID:
             self._valid_start = clock()
         if stage == sb.Stage.TRAIN and hasattr(getattr(self, "_train_dataset", None), "set_epoch"):
