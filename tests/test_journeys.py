@@ -231,3 +231,39 @@ def test_a_folder_whose_yaml_names_outside_code_is_refused(tmp_path):
         interface_class(str(hub / "hyperparams.yaml"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Separator.from_hparams(source=str(tmp_path / "missing"), savedir=str(tmp_path / "x"))
+
+
+def test_pretrained_interface_options_reach_the_model(tmp_path):
+    """run_opts precision, overrides= of the inference settings, SpeechBrain's
+    separate_file(path, savedir=...) and sep(mix) all work on a folder that names none of them."""
+    import soundfile as sf
+
+    from conftest import inference_yaml
+    from modules.models.convtasnet import ConvTasNet
+    from modules.serving.inference import chunked_separation
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "hyperparams.yaml").write_text(inference_yaml())
+    torch.manual_seed(0)
+    model = ConvTasNet(N=16, L=16, B=16, H=32, Sc=16, X=2, R=1).eval()
+    torch.save(model.state_dict(), hub / "model.ckpt")
+    x = 0.1 * torch.randn(1, 12000, generator=torch.Generator().manual_seed(1))
+    sep = Separator.from_hparams(source=str(hub), savedir=str(tmp_path / "a"))
+    assert sep.precision == "fp32" and sep.reuse_freed_memory is False
+    with torch.no_grad():
+        full = model(x)
+        assert torch.equal(sep(x), sep.separate_batch(x)) and torch.allclose(sep(x), full, atol=1e-6)
+    bf16 = Separator.from_hparams(source=str(hub), savedir=str(tmp_path / "b"),
+                                  run_opts={"precision": "bf16"})
+    assert bf16.precision == "bf16"
+    out = bf16.separate_batch(x)
+    assert not torch.equal(out, full) and (out - full).abs().max() < 0.05 * full.abs().max()
+    chunked = Separator.from_hparams(source=str(hub), savedir=str(tmp_path / "c"),
+                                     overrides={"chunk_seconds": 0.5, "overlap_seconds": 0.1})
+    assert (chunked.chunk_seconds, chunked.overlap_seconds) == (0.5, 0.1)
+    with torch.no_grad():
+        assert torch.equal(chunked.separate_batch(x), chunked_separation(model, x, 4000, 800))
+    sf.write(tmp_path / "mix.wav", x[0].numpy(), 8000)
+    est = sep.separate_file(str(tmp_path / "mix.wav"), savedir=str(tmp_path / "cache"))
+    assert est.shape == (1, 12000, 2)
