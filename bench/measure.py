@@ -3,6 +3,7 @@ peak resident memory it reaches."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -42,3 +43,14 @@ def run_child(script: str, spec: dict, env: dict | None = None) -> dict:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def parse_args_or_run_child(parser, argv, child):
+    """Parse the command line; when it is a ``--child`` call of :func:`run_child`, run
+    ``child(spec)``, print its JSON result and return None."""
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return None
+    return args

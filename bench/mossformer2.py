@@ -35,13 +35,12 @@ skips the bf16 rows.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 
-from measure import run_child as run_child_process, timed
+from measure import parse_args_or_run_child, run_child as run_child_process, timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = 16000
@@ -385,10 +384,8 @@ def main(argv=None) -> None:
     parser.add_argument("--skip_reference", action="store_true")
     parser.add_argument("--profile", action="store_true", help="where our time goes")
     parser.add_argument("--kernels", action="store_true", help="depthwise-convolution variants")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+    args = parse_args_or_run_child(parser, argv, child)
+    if args is None:
         return
     args.seconds = [float(s) for s in args.seconds.split(",") if s]
     args.train_seconds = [float(s) for s in args.train_seconds.split(",") if s]

@@ -22,12 +22,11 @@ mixture frames only). Every measurement runs in a fresh process: time and peak r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 
-from measure import run_child, timed
+from measure import parse_args_or_run_child, run_child, timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = 16000
@@ -82,10 +81,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no_train", action="store_true", help="inference only")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+    args = parse_args_or_run_child(parser, argv, child)
+    if args is None:
         return
 
     from transformers import WavLMConfig, WavLMModel

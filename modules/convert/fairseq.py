@@ -107,6 +107,18 @@ def _plain_cfg(cfg) -> dict:
     return cfg
 
 
+# transformers WavLMConfig field <- unilm / fairseq cfg key, values taken as they are
+_SAME_VALUE_KEYS = {
+    "hidden_dropout": "dropout", "attention_dropout": "attention_dropout",
+    "activation_dropout": "activation_dropout", "feat_proj_dropout": "dropout_input",
+    "layerdrop": "encoder_layerdrop", "num_conv_pos_embeddings": "conv_pos",
+    "num_conv_pos_embedding_groups": "conv_pos_groups", "num_buckets": "num_buckets",
+    "max_bucket_distance": "max_distance", "mask_time_prob": "mask_prob",
+    "mask_time_length": "mask_length", "mask_feature_prob": "mask_channel_prob",
+    "mask_feature_length": "mask_channel_length",
+}
+
+
 def fairseq_cfg_to_hf_config(cfg) -> WavLMConfig:
     """transformers ``WavLMConfig`` for a unilm WavLM ``cfg`` (field meanings from unilm's
     ``WavLMConfig`` in wavlm/WavLM.py and transformers' ``configuration_wavlm.py``).
@@ -137,19 +149,7 @@ def fairseq_cfg_to_hf_config(cfg) -> WavLMConfig:
         conv_kernel=[c[1] for c in conv],
         conv_stride=[c[2] for c in conv],
         conv_bias=bool(cfg["conv_bias"]),
-        hidden_dropout=cfg["dropout"],
-        attention_dropout=cfg["attention_dropout"],
-        activation_dropout=cfg["activation_dropout"],
-        feat_proj_dropout=cfg["dropout_input"],
-        layerdrop=cfg["encoder_layerdrop"],
-        num_conv_pos_embeddings=cfg["conv_pos"],
-        num_conv_pos_embedding_groups=cfg["conv_pos_groups"],
-        num_buckets=cfg["num_buckets"],
-        max_bucket_distance=cfg["max_distance"],
-        mask_time_prob=cfg["mask_prob"],
-        mask_time_length=cfg["mask_length"],
-        mask_feature_prob=cfg["mask_channel_prob"],
-        mask_feature_length=cfg["mask_channel_length"],
+        **{ours: cfg[theirs] for ours, theirs in _SAME_VALUE_KEYS.items()},
     )
     config.do_normalize = bool(cfg["normalize"])
     return config

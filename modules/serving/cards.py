@@ -39,7 +39,9 @@ def training_data(run) -> str:
     return ", ".join(names) if names else "a synthetic speech-like corpus (not real speech)"
 
 
-def card(*, name, pipeline_tag, tags, licence, datasets, intro, metrics, files, usage) -> str:
+def card(name, run, licence, files, *, tags, intro, metrics, usage,
+         pipeline_tag="audio-to-audio") -> str:
+    datasets = _datasets(run)
     lines = ["---", "library_name: speechbrain", f"pipeline_tag: {pipeline_tag}",
              f"license: {licence}", "tags:", *[f"- {t}" for t in (*tags, "speechbrain")]]
     if datasets:
@@ -54,13 +56,18 @@ def card(*, name, pipeline_tag, tags, licence, datasets, intro, metrics, files, 
     return "\n".join(lines)
 
 
+def _usage(interface, var, repo_id, name, call):
+    source = repo_id or "<this folder>"
+    return [f"from modules.serving.inference import {interface}",
+            f'{var} = {interface}.from_hparams(source="{source}", savedir="pretrained/{name}")', call]
+
+
 def _datasets(run):
     return [KNOWN_DATASETS[n.lower()] for n in corpus_names(run.get("data_folder"))
             if n.lower() in KNOWN_DATASETS]
 
 
 def separation_card(name, run, summary, repo_id, licence, hparams, files):
-    source = repo_id or "<this folder>"
     n_src = getattr(hparams, "num_spks", None) or run.get("num_spks", 2)
     metrics = None
     if summary:
@@ -68,18 +75,15 @@ def separation_card(name, run, summary, repo_id, licence, hparams, files):
                    "| SI-SNR | SI-SNRi | SDR | SDRi |", "|---|---|---|---|",
                    "| " + " | ".join(f"{summary[k]:.2f} dB" for k in ("si-snr", "si-snr_i", "sdr", "sdr_i"))
                    + " |", ""]
-    return card(name=name, pipeline_tag="audio-to-audio", licence=licence, datasets=_datasets(run),
-                tags=["audio-source-separation", "speech-separation"],
+    return card(name, run, licence, files, tags=["audio-source-separation", "speech-separation"],
                 intro=[f"Speech separation into {n_src} speakers at {hparams.sample_rate} Hz, trained "
                        f"with the `{name}` recipe on {training_data(run)}."],
-                metrics=metrics, files=files,
-                usage=["from modules.serving.inference import Separator",
-                       f'sep = Separator.from_hparams(source="{source}", savedir="pretrained/{name}")',
-                       'est = sep.separate_file("mixture.wav", output_dir="separated/")  # [1, time, n_src]'])
+                metrics=metrics,
+                usage=_usage("Separator", "sep", repo_id, name,
+                             'est = sep.separate_file("mixture.wav", output_dir="separated/")  # [1, time, n_src]'))
 
 
 def extraction_card(name, run, summary, repo_id, licence, hparams, files):
-    source = repo_id or "<this folder>"
     metrics = None
     if summary:
         metrics = [f"Test set: {summary.get('n_mixtures')} two-speaker mixtures, enrolment: "
@@ -88,19 +92,16 @@ def extraction_card(name, run, summary, repo_id, licence, hparams, files):
                    f"| {summary['si-sdr']:.2f} dB | {summary['si-sdr_i']:.2f} dB | "
                    f"{100 * summary['target_confusion_rate']:.1f} % |", "",
                    "Target confusion: the output is closer (SI-SDR) to the interferer than to the target.", ""]
-    return card(name=name, pipeline_tag="audio-to-audio", licence=licence, datasets=_datasets(run),
-                tags=["target-speaker-extraction"],
+    return card(name, run, licence, files, tags=["target-speaker-extraction"],
                 intro=[f"Target-speaker extraction at {hparams.sample_rate} Hz (WavLM + TasNet mask, "
                        f"SI-SDR loss against the target), trained with the `{name}` recipe on "
                        f"{training_data(run)}."],
-                metrics=metrics, files=files,
-                usage=["from modules.serving.inference import TargetSpeakerExtractor",
-                       f'tse = TargetSpeakerExtractor.from_hparams(source="{source}", savedir="pretrained/{name}")',
-                       'est = tse.extract_file("mixture.wav", "enrollment.wav", output_dir="extracted/")  # [1, time]'])
+                metrics=metrics,
+                usage=_usage("TargetSpeakerExtractor", "tse", repo_id, name,
+                             'est = tse.extract_file("mixture.wav", "enrollment.wav", output_dir="extracted/")  # [1, time]'))
 
 
 def transcription_card(name, run, summary, repo_id, licence, hparams, files):
-    source = repo_id or "<this folder>"
     metrics = None
     sets = [k for k in sorted(summary or {}) if isinstance(summary[k], dict)]
     if sets:
@@ -115,13 +116,11 @@ def transcription_card(name, run, summary, repo_id, licence, hparams, files):
         metrics.append("")
     data = training_data(run) if run.get("data_folder") else (
         "Bach chorales of music21 rendered per instrument with a General MIDI SoundFont")
-    return card(name=name, pipeline_tag="audio-to-audio", licence=licence, datasets=[],
-                tags=["music-transcription", "music-source-separation"],
+    return card(name, run, licence, files, tags=["music-transcription", "music-source-separation"],
                 intro=[f"Timbre separation and transcription of music at {hparams.sample_rate} Hz "
                        "(TimbreNet): note and onset posteriors per pitch and frame, and an embedding "
                        "per time-frequency unit that k-means groups into instruments. Trained with "
                        f"the `{name}` recipe on {data}."],
-                metrics=metrics, files=files,
-                usage=["from modules.serving.inference import TimbreTranscriber",
-                       f'tr = TimbreTranscriber.from_hparams(source="{source}", savedir="pretrained/{name}")',
-                       'r = tr.transcribe_file("music.wav", n_instruments=None, output_dir="out/")  # notes, rolls, audio'])
+                metrics=metrics,
+                usage=_usage("TimbreTranscriber", "tr", repo_id, name,
+                             'r = tr.transcribe_file("music.wav", n_instruments=None, output_dir="out/")  # notes, rolls, audio'))
