@@ -267,3 +267,25 @@ def test_pretrained_interface_options_reach_the_model(tmp_path):
     sf.write(tmp_path / "mix.wav", x[0].numpy(), 8000)
     est = sep.separate_file(str(tmp_path / "mix.wav"), savedir=str(tmp_path / "cache"))
     assert est.shape == (1, 12000, 2)
+
+
+def test_warm_start_of_an_extraction_model_from_a_separation_model(tmp_path):
+    from modules.models.convtasnet import ConvTasNet
+    from modules.models.tse import WavLMTasNet
+    from modules.models.wavlm import WavLM, tiny_wavlm_config
+    from modules.training.brain import load_weights
+
+    torch.manual_seed(0)
+    sep = ConvTasNet(N=32, L=160, B=16, H=32, Sc=16, X=3, R=1)
+    torch.save(sep.state_dict(), tmp_path / "sep.ckpt")
+    tse = WavLMTasNet(WavLM(config=tiny_wavlm_config()), encoder_dim=32, kernel_size=160, stride=80,
+                      bottleneck=16, hidden=32, skip=16, mask_blocks=3, mhfa_compression=8,
+                      mhfa_heads=2, speaker_dim=16)
+    with pytest.raises(RuntimeError):
+        load_weights(tse, tmp_path / "sep.ckpt")  # strict: the models differ
+    loaded = load_weights(tse, tmp_path / "sep.ckpt", strict=False)
+    own = tse.state_dict()
+    for name in ("encoder.conv.weight", "decoder.deconv.weight", "masker.blocks.0.dconv.weight",
+                 "masker.bottleneck.weight"):
+        assert name in loaded and torch.equal(own[name], sep.state_dict()[name])
+    assert "masker.mask_conv.weight" not in loaded  # one mask (n_src=1) against two

@@ -98,14 +98,27 @@ class SafeCheckpointer(Checkpointer):
 
 def load_weights(module: torch.nn.Module, path, strict: bool = True):
     """Load a state dict into ``module`` from a safetensors file or a PyTorch file (read with
-    ``weights_only=True``; nothing in it is executed)."""
+    ``weights_only=True``; nothing in it is executed). ``strict=False`` is a warm start: only
+    the entries whose name and shape ``module`` has are loaded (e.g. the TasNet encoder, mask
+    network and decoder of a separation model into an extraction model); it fails when none fit.
+    Returns the names loaded."""
     with open(path, "rb") as f:
         magic = f.read(2)
     if magic in (b"PK", b"\x80\x02"):  # torch.save's zip format, or a legacy pickle
         state = torch.load(path, map_location="cpu", weights_only=True)
     else:
         state = load_safetensors(str(path), device="cpu")
-    return module.load_state_dict(state, strict=strict)
+    if strict:
+        module.load_state_dict(state, strict=True)
+        return sorted(state)
+    own = module.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not fitting:
+        raise ValueError(f"no entry of {path} fits the model (names and shapes differ everywhere)")
+    module.load_state_dict(fitting, strict=False)
+    logger.info("warm start from %s: %d of the model's %d entries loaded, %d of the file's left out",
+                path, len(fitting), len(own), len(state) - len(fitting))
+    return sorted(fitting)
 
 
 def weights_file(source: str, metric: str = "si-snr", mode: str = "max") -> str:
