@@ -184,7 +184,9 @@ def test_model_folder_of_another_kind_names_the_right_command(model_folder, tmp_
     # a subclass of the command's interface is what the folder is loaded through
     sub = folder_like(model_folder, tmp_path / "sub", inference_yaml(
         extra=f"interface: {__name__}.LoggingSeparator"))
-    assert run(sub, tmp_path / "x.wav", "--out", tmp_path / "out") == 0
+    assert run(sub, tmp_path / "x.wav", "--out", tmp_path / "out") == 2  # outside code: refused
+    assert "--trust_code" in capsys.readouterr().err and calls == []
+    assert run(sub, tmp_path / "x.wav", "--out", tmp_path / "out", "--trust_code") == 0
     assert calls[0]["class"].__name__ == "LoggingSeparator"
 
 
