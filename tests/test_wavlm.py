@@ -14,6 +14,8 @@ from modules.convert.fairseq import convert_fairseq_wavlm, load_fairseq_wavlm, p
 from modules.models.wavlm import (
     WavLM,
     attention_bias_from_mask,
+    conv_output_lengths,
+    frame_segments,
     mask_value,
     segment_attention_bias,
     tiny_wavlm_config,
@@ -97,6 +99,81 @@ def test_relative_position_bias_matches_transformers_and_slices(lobe):
     assert batched.shape == (2, lobe.num_heads, 3, 4)
     for b in range(2):
         assert max_diff(batched[b], full[:, queries[b]][:, :, keys[b]]) == 0.0
+
+
+# ----------------------------------------------------------------------------- segments
+
+
+def test_frame_segments_against_a_slow_loop():
+    kernels, strides = (10, 8, 4), (5, 4, 4)
+    segments = torch.full((2, 700), -1)
+    segments[0, :300], segments[0, 320:650] = 0, 1
+    segments[1, 40:700] = 2
+    labels = frame_segments(segments, kernels, strides)
+    assert labels.shape == (2, int(conv_output_lengths(torch.tensor(700), kernels, strides)))
+    receptive, stride = 10 + 9 * 5 + 3 * 20, 80
+    for b in range(2):
+        for t in range(labels.shape[1]):
+            values = set(segments[b, t * stride:t * stride + receptive].tolist())
+            assert labels[b, t] == (values.pop() if len(values) == 1 else -1)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_padded_batch_with_segments_equals_each_item_alone(lobe, normalize):
+    """With the real samples as one segment, each item of a padded batch gives the hidden states
+    it gives alone, also with the GroupNorm front end (whose statistics otherwise include the
+    padding) and with waveform normalisation."""
+    lobe.normalize_wav = normalize
+    try:
+        wav, lengths, mask = padded_batch()
+        segments = torch.where(mask.bool(), 0, -1)
+        with torch.no_grad():
+            together = lobe(wav, attention_mask=mask, segments=segments)
+            plain = lobe(wav, attention_mask=mask)
+            for b, n in enumerate(lengths.tolist()):
+                alone = lobe(wav[b:b + 1, :n])
+                frames = alone.shape[2]
+                assert max_diff(together[:, b, :frames], alone[:, 0]) <= TOL
+                if b == 2 and lobe.config.feat_extract_norm == "group":
+                    # without segments the shortest item's GroupNorm statistics include padding
+                    assert max_diff(plain[:, b, :frames], alone[:, 0]) > 1e-2
+    finally:
+        lobe.normalize_wav = False
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_segments_of_a_concatenation_equal_the_segments_alone(lobe, normalize):
+    """[A | gap | B], B starting on a frame boundary: the frames wholly inside A (inside B) equal
+    those of A (B) alone at the transformer input, whatever the gap (narrower than the
+    positional convolution here) and whatever the other segment holds."""
+    lobe.normalize_wav = normalize
+    try:
+        generator = torch.Generator().manual_seed(7)
+        a, b = torch.randn(1, 1500, generator=generator), torch.randn(1, 2400, generator=generator) * 0.1
+        start = 1600  # a multiple of the 80-sample frame stride; gap of one frame
+        wav = torch.cat([a, torch.zeros(1, start - 1500), b], 1)
+        segments = torch.full(wav.shape, -1)
+        segments[:, :1500], segments[:, start:] = 0, 1
+        with torch.no_grad():
+            joint, _ = lobe.embed(wav, segments=segments)
+            louder, _ = lobe.embed(torch.cat([3 * a, wav[:, 1500:]], 1), segments=segments)
+            plain, _ = lobe.embed(wav)
+            alone_a, _ = lobe.embed(a)
+            alone_b, _ = lobe.embed(b)
+        n_a, first_b = alone_a.shape[1], start // lobe.frame_stride
+        assert max_diff(joint[:, :n_a], alone_a) <= TOL
+        assert max_diff(joint[:, first_b:first_b + alone_b.shape[1]], alone_b) <= TOL
+        assert max_diff(louder[:, first_b:], joint[:, first_b:]) <= TOL
+        # WavLM's own computation mixes the segments (positional convolution, GroupNorm)
+        assert max_diff(plain[:, first_b:first_b + alone_b.shape[1]], alone_b) > 1e-2
+    finally:
+        lobe.normalize_wav = False
+
+
+def test_segments_must_label_every_sample():
+    lobe = make_lobe()
+    with pytest.raises(ValueError, match="segments must label every sample"):
+        lobe.embed(torch.randn(2, 4000), segments=torch.zeros(2, 3999, dtype=torch.long))
 
 
 # ----------------------------------------------------------------------------- extra bias

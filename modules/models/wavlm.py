@@ -12,7 +12,10 @@ one itself instead of calling ``WavLMModel.forward``. That is what target-speake
   padding mask;
 * control of the relative position bias: computed once for a sequence and reused by every layer
   (as WavLM does), or computed for arbitrary query/key frame positions;
-* stopping after layer N and continuing from layer N on another (e.g. sliced) sequence.
+* stopping after layer N and continuing from layer N on another (e.g. sliced) sequence;
+* statistics per segment before the first layer (``segments`` of :meth:`WavLM.embed`), so that
+  a segment of a concatenated waveform, or a sample of a padded batch, gives the frames it
+  gives alone (transformers' GroupNorm front end takes them over the whole padded input).
 
 With no extra bias the result equals ``WavLMModel(..., output_hidden_states=True).hidden_states``
 (tested to 1e-5 for padded batches, for the post-LN base models and the pre-LN large models).
@@ -47,6 +50,7 @@ __all__ = [
     "segment_attention_bias",
     "relative_position_bucket",
     "conv_output_lengths",
+    "frame_segments",
 ]
 
 AttnBias = torch.Tensor | Sequence[torch.Tensor | None] | Callable[[int, torch.Tensor], torch.Tensor | None]
@@ -94,10 +98,10 @@ def segment_attention_bias(segment_ids: torch.Tensor, dtype: torch.dtype = torch
 
     In :meth:`WavLM.run_layers` this makes each segment's transformer outputs exactly those of
     the segment run alone (the relative position bias depends only on offsets). It does not
-    isolate what happens before the layers in :meth:`WavLM.embed` on a concatenated waveform:
-    conv frames straddling a boundary, the GroupNorm of the base models' first conv layer
-    (statistics over the whole sequence) and the positional convolution (128 frames wide in the
-    released models) all mix segments.
+    isolate what happens before the layers in :meth:`WavLM.embed` on a concatenated waveform
+    (conv frames straddling a boundary, the GroupNorm of the base models' first conv layer and
+    the positional convolution, 128 frames wide in the released models, all mix segments)
+    unless :meth:`WavLM.embed` is given the segments of the waveform too.
     """
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     return attention_bias_from_mask(same[:, None], dtype)
@@ -136,6 +140,21 @@ def conv_output_lengths(
     for kernel, stride in zip(kernels, strides):
         lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
     return lengths.clamp(min=0)
+
+
+def frame_segments(segments: torch.Tensor, kernels: Sequence[int], strides: Sequence[int]) -> torch.Tensor:
+    """Segment label of every output frame of a stack of unpadded 1-D convolutions.
+
+    ``segments [batch, samples]`` labels every sample (``>= 0``, or -1 for no segment). A frame
+    takes the label of its samples when they all carry the same one, else -1 (it straddles a
+    boundary or touches an unlabelled sample). ``[batch, frames]`` long, frames as
+    :func:`conv_output_lengths`."""
+    labels = segments.to(torch.float32)[:, None, :]
+    for kernel, stride in zip(kernels, strides):
+        high = F.max_pool1d(labels, kernel, stride)
+        low = -F.max_pool1d(-labels, kernel, stride)
+        labels = torch.where(low == high, low, torch.full_like(low, -1.0))
+    return labels[:, 0].long()
 
 
 def tiny_wavlm_config(**overrides) -> WavLMConfig:
@@ -328,19 +347,56 @@ class WavLM(nn.Module):
 
     # ---------------------------------------------------------------- embedding
 
-    def normalize(self, wav: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def normalize(self, wav: torch.Tensor, lengths: torch.Tensor | None = None,
+                  segments: torch.Tensor | None = None) -> torch.Tensor:
         """Zero mean, unit variance over the real samples of each waveform; padding set to 0.
         (Same statistics as ``Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm`` of
-        transformers: biased variance, ``sqrt(var + 1e-7)``.)"""
-        if lengths is None:
-            lengths = torch.full(wav.shape[:1], wav.shape[-1], device=wav.device, dtype=torch.long)
-        real = torch.arange(wav.shape[-1], device=wav.device)[None, :] < lengths[:, None]
-        count = lengths.clamp(min=1).to(wav.dtype)[:, None]
-        mean = (wav * real).sum(-1, keepdim=True) / count
-        var = (((wav - mean) * real) ** 2).sum(-1, keepdim=True) / count
-        return torch.where(real, (wav - mean) / torch.sqrt(var + 1e-7), torch.zeros_like(wav))
+        transformers: biased variance, ``sqrt(var + 1e-7)``.) With ``segments`` (see
+        :meth:`embed`) each segment is normalised over its own samples, and samples of no
+        segment are set to 0."""
+        if segments is None:
+            if lengths is None:
+                lengths = torch.full(wav.shape[:1], wav.shape[-1], device=wav.device, dtype=torch.long)
+            segments = torch.where(torch.arange(wav.shape[-1], device=wav.device)[None, :] < lengths[:, None], 0, -1)
+        out = torch.zeros_like(wav)
+        for label in range(int(segments.max()) + 1):
+            inside = segments == label
+            count = inside.sum(-1, keepdim=True).clamp(min=1).to(wav.dtype)
+            mean = (wav * inside).sum(-1, keepdim=True) / count
+            var = (((wav - mean) * inside) ** 2).sum(-1, keepdim=True) / count
+            out = torch.where(inside, (wav - mean) / torch.sqrt(var + 1e-7), out)
+        return out
 
-    def embed(self, wav: torch.Tensor, wav_lens=None, attention_mask=None):
+    def _segment_group_norm(self, feats: torch.Tensor, labels: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+        """The first conv layer's GroupNorm (one group per channel: statistics over time) with
+        statistics per segment: ``feats [batch, C, frames]``, ``labels [batch, frames]`` (-1: no
+        segment; such frames are set to the norm's bias)."""
+        dtype = feats.dtype
+        x = feats.float()
+        n_segments = int(labels.max()) + 1
+        onehot = F.one_hot(labels + 1, n_segments + 1)[..., 1:].to(x.dtype)  # [B, T, S]
+        count = onehot.sum(1).clamp(min=1.0)[:, None, :]  # [B, 1, S]
+        spread = onehot.transpose(1, 2)  # [B, S, T]: segment statistics -> frames
+        mean = torch.bmm(torch.bmm(x, onehot) / count, spread)  # 0 on frames of no segment
+        centred = (x - mean) * (labels >= 0)[:, None, :].to(x.dtype)
+        var = torch.bmm(centred.square(), onehot) / count
+        normed = centred * torch.bmm(torch.rsqrt(var + norm.eps), spread)
+        return (normed * norm.weight[:, None] + norm.bias[:, None]).to(dtype)
+
+    def _positional_embedding(self, hidden: torch.Tensor, frame_labels: torch.Tensor | None) -> torch.Tensor:
+        """WavLM's convolutional positional embedding; with ``frame_labels`` each segment's frames
+        see only the frames of that segment (zero beyond, as the segment alone), and frames of
+        no segment get none."""
+        pos_conv = self.model.encoder.pos_conv_embed
+        if frame_labels is None:
+            return pos_conv(hidden)
+        out = torch.zeros_like(hidden)
+        for label in range(int(frame_labels.max()) + 1):
+            inside = (frame_labels == label)[..., None].to(hidden.dtype)
+            out = out + pos_conv(hidden * inside) * inside
+        return out
+
+    def embed(self, wav: torch.Tensor, wav_lens=None, attention_mask=None, segments=None):
         """Waveform -> input of the first transformer layer (``hidden_states[0]`` of HF).
 
         Conv feature encoder, feature projection (LayerNorm + Linear), padded frames set to zero,
@@ -355,6 +411,18 @@ class WavLM(nn.Module):
             ``[batch]`` relative lengths in (0, 1] (SpeechBrain convention).
         attention_mask : torch.Tensor, optional
             ``[batch, samples]`` 1 on real samples (transformers convention), instead of wav_lens.
+        segments : torch.Tensor, optional
+            ``[batch, samples]`` integer label of every sample: ``0, 1, ...`` for the segments of
+            the sequence (e.g. an enrolment and a mixture), -1 for samples of no segment
+            (padding, separating silence). Given, nothing before the first layer mixes
+            segments: the waveform normalisation (``normalize_wav``) and the GroupNorm of the
+            first conv layer (``feat_extract_norm="group"``, the base models) take their
+            statistics per segment (over the conv frames lying wholly inside it), and the
+            positional convolution of a segment's frames sees only that segment. A frame wholly
+            inside a segment then equals the frame of the segment run alone; frames of no
+            segment (straddling a boundary, or in unlabelled samples) are blanked before the
+            positional convolution. Without ``segments`` the computation is WavLM's own, whose
+            GroupNorm statistics include the padding of a batch.
 
         Returns
         -------
@@ -365,21 +433,34 @@ class WavLM(nn.Module):
         """
         if wav.dim() != 2:
             raise ValueError(f"expected waveforms [batch, samples], got shape {tuple(wav.shape)}")
+        if segments is not None and segments.shape != wav.shape:
+            raise ValueError(f"segments must label every sample: shape {tuple(wav.shape)}, got "
+                             f"{tuple(segments.shape)}")
         grad = torch.is_grad_enabled() and not self.freeze
+        cfg = self.config
         with torch.set_grad_enabled(grad):
             lengths = self.sample_lengths(wav, wav_lens, attention_mask)
             padding_mask = self.frame_padding_mask(wav, wav_lens, attention_mask)
             if self.normalize_wav:
-                wav = self.normalize(wav, lengths)
+                wav = self.normalize(wav, lengths, segments)
             with torch.set_grad_enabled(grad and not self.freeze_feature_extractor):
                 feats = wav[:, None, :]
-                for conv_layer in self.model.feature_extractor.conv_layers:
-                    feats = conv_layer(feats)
+                for index, conv_layer in enumerate(self.model.feature_extractor.conv_layers):
+                    if segments is not None and isinstance(getattr(conv_layer, "layer_norm", None), nn.GroupNorm):
+                        labels = frame_segments(segments, cfg.conv_kernel[: index + 1], cfg.conv_stride[: index + 1])
+                        feats = self._segment_group_norm(conv_layer.conv(feats), labels, conv_layer.layer_norm)
+                        feats = conv_layer.activation(feats)
+                    else:
+                        feats = conv_layer(feats)
             hidden, _ = self.model.feature_projection(feats.transpose(1, 2))
             encoder = self.model.encoder
-            if padding_mask is not None:
+            frame_labels = None
+            if segments is not None:
+                frame_labels = frame_segments(segments, cfg.conv_kernel, cfg.conv_stride)
+                hidden = hidden * (frame_labels >= 0)[..., None].to(hidden.dtype)
+            elif padding_mask is not None:
                 hidden = hidden * padding_mask[..., None].to(hidden.dtype)
-            hidden = hidden + encoder.pos_conv_embed(hidden)
+            hidden = hidden + self._positional_embedding(hidden, frame_labels)
             if not self.stable_layer_norm:
                 hidden = encoder.layer_norm(hidden)
             hidden = encoder.dropout(hidden)
@@ -551,18 +632,20 @@ class WavLM(nn.Module):
 
     # ---------------------------------------------------------------- whole model
 
-    def hidden_states(self, wav: torch.Tensor, wav_lens=None, attention_mask=None) -> list[torch.Tensor]:
+    def hidden_states(self, wav: torch.Tensor, wav_lens=None, attention_mask=None,
+                      segments=None) -> list[torch.Tensor]:
         """Input of the first layer and output of every layer: ``num_layers + 1`` tensors
-        ``[batch, frames, dim]``, as ``WavLMModel(..., output_hidden_states=True).hidden_states``."""
-        hidden, padding_mask = self.embed(wav, wav_lens, attention_mask)
+        ``[batch, frames, dim]``, as ``WavLMModel(..., output_hidden_states=True).hidden_states``
+        (``segments``: see :meth:`embed`)."""
+        hidden, padding_mask = self.embed(wav, wav_lens, attention_mask, segments)
         outputs, _ = self.run_layers(hidden, padding_mask=padding_mask)
         return [hidden] + outputs
 
-    def forward(self, wav: torch.Tensor, wav_lens=None, attention_mask=None) -> torch.Tensor:
+    def forward(self, wav: torch.Tensor, wav_lens=None, attention_mask=None, segments=None) -> torch.Tensor:
         """``[layers + 1, batch, frames, dim]``: all hidden states of :meth:`hidden_states`
         stacked (index 0 = transformer input, -1 = last layer). No gradient when frozen."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
-            return torch.stack(self.hidden_states(wav, wav_lens, attention_mask))
+            return torch.stack(self.hidden_states(wav, wav_lens, attention_mask, segments))
 
 
 def _folder_do_normalize(folder: str) -> bool:
