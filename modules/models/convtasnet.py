@@ -16,9 +16,91 @@ from modules.models.base import Decoder, Encoder, EncoderMaskerDecoder, make_nor
 
 __all__ = ["TemporalBlock", "TCN", "ConvTasNet", "receptive_field"]
 
-def _pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1 ``conv`` applied to ``[batch, frames, C_in]``: one matrix product over all frames."""
-    return F.linear(x, conv.weight.squeeze(-1), conv.bias)
+
+def _pointwise(x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 convolution (Conv1d ``weight [C_out, C_in, 1]``) applied to ``[batch, frames, C_in]``:
+    one matrix product over all frames."""
+    return F.linear(x, weight.squeeze(-1), bias)
+
+
+def _depthwise(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               dilation: int) -> torch.Tensor:
+    """Depthwise convolution (no padding) of ``[batch, frames, H]`` with a Conv1d weight
+    ``[H, 1, P]``, seen as a channels-last ``[batch, H, 1, frames]`` image; same layout out.
+    Under ``torch.export`` (ONNX), a channels-first Conv1d: the same sums, and a graph whose
+    length stays dynamic."""
+    if not torch.jit.is_scripting():
+        if torch.compiler.is_exporting():
+            return F.conv1d(xp.transpose(1, 2), weight, bias, dilation=dilation,
+                            groups=weight.shape[0]).transpose(1, 2)
+    y = F.conv2d(xp.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2), bias,
+                 dilation=(1, dilation), groups=weight.shape[0])
+    return y.squeeze(2).transpose(1, 2)
+
+
+class _DepthwiseFunction(torch.autograd.Function):
+    """:func:`_depthwise` with its gradients written out: the input gradient is the same
+    channels-last convolution of the zero-padded output gradient with the flipped kernel, the
+    weight gradient P products summed over batch and frames. oneDNN's own backward of the
+    channels-last depthwise convolution is many times slower than its forward."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, xp, weight, bias, dilation):
+        ctx.save_for_backward(xp, weight)
+        ctx.dilation, ctx.has_bias = dilation, bias is not None
+        return _depthwise(xp, weight, bias, dilation)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad):
+        xp, weight = ctx.saved_tensors
+        d, taps, frames = ctx.dilation, weight.shape[-1], grad.shape[1]
+        span = (taps - 1) * d
+        grad_xp = _depthwise(F.pad(grad, (0, 0, span, span)), weight.flip(-1), None, d)
+        grad_w = torch.stack([(grad * xp[:, k * d:k * d + frames]).sum((0, 1))
+                              for k in range(taps)], -1).unsqueeze(1)
+        grad_b = grad.sum((0, 1)) if ctx.has_bias else None
+        return grad_xp, grad_w.to(weight.dtype), grad_b, None
+
+
+class _PReLUFunction(torch.autograd.Function):
+    """Single-slope PReLU with its gradients as plain element-wise products (the built-in
+    backward's reduction for the slope is slow on CPU)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, x, slope):
+        ctx.save_for_backward(x, slope)
+        return F.prelu(x, slope)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad):
+        x, slope = ctx.saved_tensors
+        negative = x.clamp_max(0)
+        grad_x = torch.where(x > 0, grad, grad * slope.to(grad.dtype))
+        grad_slope = (grad * negative).sum().reshape(slope.shape).to(slope.dtype)
+        return grad_x, grad_slope
+
+
+@torch.jit.unused
+def _depthwise_train(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     dilation: int) -> torch.Tensor:
+    return _DepthwiseFunction.apply(xp, weight, bias, dilation)
+
+
+@torch.jit.unused
+def _prelu_train(x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    return _PReLUFunction.apply(x, slope)
+
+
+def _prelu(x: torch.Tensor, slope: torch.Tensor, training: bool) -> torch.Tensor:
+    """PReLU; in training with gradients, through :class:`_PReLUFunction`."""
+    if not torch.jit.is_scripting() and training and torch.is_grad_enabled():
+        return _prelu_train(x, slope)
+    return F.prelu(x, slope)
 
 
 class TemporalBlock(nn.Module):
@@ -50,27 +132,25 @@ class TemporalBlock(nn.Module):
 
     def depthwise(self, y: torch.Tensor) -> torch.Tensor:
         """The padded depthwise convolution of ``[batch, frames, H]``, same layout out."""
+        # explicit zero padding: oneDNN's own padding is many times slower at large dilations
         if self.causal:
             y = F.pad(y, (0, 0, self.pad, 0))
-            pad = 0
-        elif self.pad % 2:
-            y = F.pad(y, (0, 0, self.pad // 2, self.pad - self.pad // 2))
-            pad = 0
         else:
-            pad = self.pad // 2
-        # [batch, frames, H] seen as a channels-last [batch, H, 1, frames] image
-        y = F.conv2d(y.transpose(1, 2).unsqueeze(2), self.dconv.weight.unsqueeze(2),
-                     self.dconv.bias, padding=(0, pad), dilation=(1, self.dilation),
-                     groups=self.dconv.groups)
-        return y.squeeze(2).transpose(1, 2)
+            y = F.pad(y, (0, 0, self.pad // 2, self.pad - self.pad // 2))
+        if not torch.jit.is_scripting() and self.training and torch.is_grad_enabled():
+            return _depthwise_train(y, self.dconv.weight, self.dconv.bias, self.dilation)
+        return _depthwise(y, self.dconv.weight, self.dconv.bias, self.dilation)
 
     def forward_channels_last(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """``[batch, frames, B]`` -> (residual ``[batch, frames, B]`` or None, skip
         ``[batch, frames, Sc]``)."""
-        y = self.norm1(self.act1(_pointwise(self.conv_in, x)))
-        y = self.norm2(self.act2(self.depthwise(y)))
-        res = x + _pointwise(self.res_conv, y) if self.res_conv is not None else None
-        return res, _pointwise(self.skip_conv, y)
+        y = _pointwise(x, self.conv_in.weight, self.conv_in.bias)
+        y = self.norm1(_prelu(y, self.act1.weight, self.training))
+        y = self.norm2(_prelu(self.depthwise(y), self.act2.weight, self.training))
+        res: torch.Tensor | None = None
+        if self.res_conv is not None:
+            res = x + _pointwise(y, self.res_conv.weight, self.res_conv.bias)
+        return res, _pointwise(y, self.skip_conv.weight, self.skip_conv.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         res, skip = self.forward_channels_last(x.transpose(1, 2))
@@ -109,14 +189,17 @@ class TCN(nn.Module):
         self.mask_act = mask_activation(mask_act)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        x = _pointwise(self.bottleneck, self.in_norm(w.transpose(1, 2)))
+        x = self.in_norm(w.transpose(1, 2))  # [batch, frames, N]
+        x = _pointwise(x, self.bottleneck.weight, self.bottleneck.bias)
         skip_sum = torch.zeros(0)
         for i, block in enumerate(self.blocks):
             res, skip = block.forward_channels_last(x)
             skip_sum = skip if i == 0 else skip_sum + skip
             if res is not None:
                 x = res
-        m = _pointwise(self.mask_conv, self.out_act(skip_sum))  # [batch, frames, n_src * N]
+        skip_sum = _prelu(skip_sum, self.out_act.weight, self.training)
+        # [batch, frames, n_src * N]
+        m = _pointwise(skip_sum, self.mask_conv.weight, self.mask_conv.bias)
         m = m.view(w.shape[0], w.shape[-1], self.n_src, self.N).permute(0, 2, 3, 1)
         return self.mask_act(m)
 
