@@ -90,7 +90,8 @@ def test_separator_runs_its_model_reusing_freed_memory(tmp_path):
     torch.save(ConvTasNet(N=16, L=16, B=16, H=32, Sc=16, X=1, R=1).state_dict(),
                folder / "model.ckpt")
     sep = Separator.from_hparams(source=str(folder), savedir=str(tmp_path / "saved"))
-    assert sep.reuse_freed_memory  # the default
+    assert not sep.reuse_freed_memory  # opt-in: a library call leaves the allocator alone
+    sep.reuse_freed_memory = True
     sep.mods.model = DepthRecorder()
     mix = torch.randn(1, 4000)
     reused = sep.separate_batch(mix)

@@ -296,7 +296,7 @@ def test_export_round_trip(exported, tmp_path):
     from modules.serving.inference import TargetSpeakerExtractor
 
     hub, ckpt, _ = exported
-    assert sorted(os.listdir(hub)) == ["README.md", "hyperparams.yaml", "model.ckpt"]
+    assert sorted(os.listdir(hub)) == ["README.md", "hyperparams.yaml", "model.safetensors"]
     card = (hub / "README.md").read_text()
     assert "SI-SDRi" in card and "target confusion rate" in card and "TargetSpeakerExtractor" in card
     with open(os.path.join(RECIPE, "hparams", "wavlm_dynamic_tasnet-tiny.yaml")) as f:
