@@ -1,8 +1,12 @@
-"""Speech separation, target-speaker extraction and timbre separation modules.
+"""Speech separation, target-speaker extraction and timbre separation for SpeechBrain.
 
-One file per model family (``tasnet``, ``stft_mask``), plus the shared maths (``losses``,
-``metrics``), audio helpers (``audio``), data pipelines (``data``, ``synth``) and the Brain base
-(``brain``) that every recipe subclasses.
+Sub-packages, lowest floor first (none imports one above it):
+
+* ``modules.data``: audio I/O, corpora, on-the-fly mixing, published corpora, enrolments, music;
+* ``modules.models``: the encoder-masker-decoder skeleton, losses and one file per model family;
+* ``modules.convert``: ClearerVoice and fairseq checkpoints;
+* ``modules.training``: the Brain base, checkpoints, time budget, metrics, allocator settings;
+* ``modules.serving``: the Pretrained interfaces, export, model cards and command lines.
 """
 
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
 """Every kind of input a user may feed the Separator, through the Python interface and the CLI.
 
-The table below is the specification (the README shows it too): each case writes a file, and
+The table below is the specification (docs/BAD_INPUT.md shows it too): each case writes a file, and
 says whether it is separated (with the warning it must log, if any) or refused with an
 AudioError whose message names the problem. No case may crash or silently give a wrong answer.
 """

@@ -373,7 +373,7 @@ class TimbreTranscriber(AudioInterface):
         if x.shape[0] < fe.n_fft:
             raise AudioError(f"{path}: {x.shape[0]} samples at {sr} Hz is shorter than one "
                              f"analysis frame ({fe.n_fft} samples); nothing to transcribe")
-        out = {k: v.float() for k, v in self(x[None]).items()}
+        out = {k: v if v.is_complex() else v.float() for k, v in self(x[None]).items()}
         roll = torch.sigmoid(out["note_logits"][0]) > threshold
         onsets = torch.sigmoid(out["onset_logits"][0]) > threshold
         level = 20 * torch.log10(out["units"][0].abs() + 1e-8)
