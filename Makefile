@@ -22,9 +22,6 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-ref.txt p
 	# GE2E speaker-encoder weights for modules/models/speaker.py; --no-deps: only its
 	# pretrained.pt is read (its librosa/webrtcvad front end is not used)
 	$(PY) -m pip install --quiet --no-deps resemblyzer==0.1.4
-	# GE2E speaker-encoder weights for modules/models/speaker.py; --no-deps: only its
-	# pretrained.pt is read (its librosa/webrtcvad front end is not used)
-	$(PY) -m pip install --quiet --no-deps resemblyzer==0.1.4
 	# benchmark peer of bench/convtasnet.py; --no-deps: only its model code is used
 	$(PY) -m pip install --quiet --no-deps asteroid==0.7.0 asteroid-filterbanks==0.4.0
 	# the project itself (editable): `import modules` works from anywhere inside the venv
