@@ -310,7 +310,7 @@ def test_export_round_trip(exported, tmp_path):
         assert torch.equal(tse.extract_batch(mix, enroll, lens, lens.flip(0)),
                            model(mix, enroll, lens, lens.flip(0)))
     # a long mixture: chunks of 1 s overlapping by 0.25 s, each with the same enrolment
-    tse.hparams.chunk_seconds, tse.hparams.overlap_seconds = 1.0, 0.25
+    tse.chunk_seconds, tse.overlap_seconds = 1.0, 0.25
     long = torch.randn(1, 20000)
     out = tse.extract_batch(long, enroll[:1])
     assert out.shape == (1, 20000) and torch.isfinite(out).all()
