@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from modules.models.tse import (MHFA, LayerWeights, SpeakerFusion, WavLMDynamicTasNet, WavLMTasNet,
-                         align_frames, mean_pooling, qkb_key_bias, qkb_scores, sequence_layout)
+from modules.models.base import GlobalLayerNorm
+from modules.models.tse import (MHFA, LayerWeights, LearnedUpsampling, MaskedGlobalLayerNorm, SpeakerFusion,
+                                SpeakerTransform, WavLMDynamicTasNet, WavLMTasNet, align_frames, mean_pooling,
+                                qkb_key_bias, qkb_scores, sequence_layout, valid_frames)
 from modules.models.wavlm import WavLM, mask_value, segment_attention_bias, tiny_wavlm_config
 
 SR = 8000
@@ -18,23 +20,25 @@ SMALL = dict(encoder_dim=16, kernel_size=160, stride=80, bottleneck=16, hidden=1
 TOL = 2e-5
 
 
-def make_wavlm(freeze=True, **overrides):
+FRONT_ENDS = ("layer", "group")  # feature-encoder norm: per-frame LayerNorm, or GroupNorm over time (base)
+
+
+def make_wavlm(freeze=True, front="layer", **overrides):
     torch.manual_seed(0)
-    # "layer" feature norm: no statistics across time, so padding cannot change real frames
-    config = tiny_wavlm_config(**{**GEOMETRY, "feat_extract_norm": "layer", **overrides})
+    config = tiny_wavlm_config(**{**GEOMETRY, "feat_extract_norm": front, **overrides})
     return WavLM(config=config, freeze=freeze)
 
 
 def make_dynamic(**kw):
     args = dict(num_hybrid_layers=1, silence_seconds=0.25, sample_rate=SR, **SMALL)
     args.update(kw)
-    wavlm = make_wavlm(freeze=args.pop("freeze", True))
+    wavlm = make_wavlm(freeze=args.pop("freeze", True), front=args.pop("front", "layer"))
     torch.manual_seed(1)
     return WavLMDynamicTasNet(wavlm, **args).eval()
 
 
 def make_static(**kw):
-    wavlm = make_wavlm(freeze=kw.pop("freeze", True))
+    wavlm = make_wavlm(freeze=kw.pop("freeze", True), front=kw.pop("front", "layer"))
     torch.manual_seed(1)
     return WavLMTasNet(wavlm, mhfa_compression=8, mhfa_heads=2, speaker_dim=12, **SMALL, **kw).eval()
 
@@ -251,11 +255,12 @@ def test_soft_qkb_is_differentiable_and_hard_is_a_threshold():
     s = qkb_scores(h, e)
     cos = torch.nn.functional.cosine_similarity(h, e[:, None], dim=-1)
     assert torch.allclose(s, torch.sigmoid(cos))
-    scale = torch.tensor(2.0, requires_grad=True)
-    soft, _ = qkb_key_bias(s, "soft", scale=scale)
-    assert torch.allclose(soft[:, 0, 0], 2.0 * torch.log(s))
-    soft.sum().backward()
-    assert scale.grad is not None and scale.grad != 0
+    for mode, expected in (("soft", cos), ("soft_log", torch.log(s))):
+        scale = torch.tensor(2.0, requires_grad=True)
+        soft, _ = qkb_key_bias(s, mode, scale=scale)
+        assert torch.allclose(soft[:, 0, 0], 2.0 * expected, atol=1e-5)
+        soft.sum().backward()
+        assert scale.grad is not None and scale.grad != 0
     hard, _ = qkb_key_bias(s, "hard", 0.5)
     assert torch.equal(hard[:, 0, 0] == 0, s >= 0.5)
     assert qkb_key_bias(s, "none") == (None, None)
@@ -323,6 +328,169 @@ def test_concatenated_input_equals_two_waveforms():
     assert torch.equal(one, two)
     with pytest.raises(ValueError, match="enroll_samples"):
         model(torch.cat([enroll, silence, mix], 1))
+
+
+# ------------------------------------------- fix 6: the enrolment does not leak before layer N
+
+
+@pytest.mark.parametrize("front", FRONT_ENDS)
+def test_mixture_states_before_the_switch_do_not_depend_on_the_enrolment(front):
+    """Scaling or replacing only the enrolment leaves the mixture's states at the input and after
+    layers 1..N unchanged; they are those of the mixture alone. The silence (3 frames) is
+    narrower than the positional convolution's reach (8 frames), as in the released base model
+    (1 s = 50 frames, reach 64), and the GroupNorm front end's statistics are taken per segment."""
+    model = make_dynamic(front=front, num_hybrid_layers=2, silence_seconds=0.05, qkb="soft")
+    torch.manual_seed(5)
+    mix, enroll, other = torch.randn(1, 4000), torch.randn(1, 2400), torch.randn(1, 2400)
+    n = model.num_hybrid_layers
+    with torch.no_grad():
+        base = model.mix_hidden_states(mix, enroll)
+        alone = model.wavlm.hidden_states(mix)
+        enroll_alone = model.wavlm.hidden_states(enroll, segments=torch.zeros_like(enroll, dtype=torch.long))
+        for changed in (3 * enroll, other):
+            new = model.mix_hidden_states(mix, changed)["hidden"]
+            for layer in range(n + 1):
+                assert (new[layer] - base["hidden"][layer]).abs().max() <= 1e-5, layer
+        # after the switch the enrolment does act (through the QKb key bias)
+        assert (new[-1] - base["hidden"][-1]).abs().max() > 1e-4
+    for layer in range(n + 1):
+        assert (base["hidden"][layer] - alone[layer]).abs().max() <= TOL, layer
+    # the internal speaker is the mean of the enrolment's own states after layer N
+    assert (base["speaker"][0] - enroll_alone[n][0, : int(base["layout"].enroll_frames)].mean(0)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("qkb", ["soft", "soft_log", "hard", "none"])
+def test_gradient_reaches_the_enrolment_only_through_soft_qkb(qkb):
+    """With the hybrid mask and the per-segment statistics, the enrolment reaches the estimate
+    only through the speaker e of the QKb bias: a gradient for the soft biases (and their scale),
+    exactly none for the hard threshold and without QKb. Fine-tuned WavLM, GroupNorm front end."""
+    model = make_dynamic(front="group", freeze=False, num_hybrid_layers=2, silence_seconds=0.05,
+                         qkb=qkb, tau=0.6)
+    torch.manual_seed(5)
+    mix, enroll = torch.randn(1, 4000), torch.randn(1, 2400).requires_grad_(True)
+    model(mix, enroll).pow(2).mean().backward()
+    reach = float(enroll.grad.abs().max())
+    if qkb.startswith("soft"):
+        assert reach > 0
+        assert model.log_soft_scale.grad is not None and model.log_soft_scale.grad != 0
+    else:
+        assert reach == 0.0
+
+
+def test_soft_qkb_defaults_to_scale_times_cosine_starting_at_5():
+    model = make_dynamic(qkb="soft")
+    assert torch.isclose(model.soft_scale, torch.tensor(5.0))
+    mix, enroll, mix_lens, enroll_lens, *_ = ragged_batch()
+    with torch.no_grad():
+        soft = model(mix, enroll, mix_lens, enroll_lens)
+        model.qkb = "soft_log"
+        other = model(mix, enroll, mix_lens, enroll_lens)
+    assert (soft - other).abs().max() > 1e-6
+
+
+# ------------------------------------------- ragged batches: masked statistics in the TCN blocks
+
+
+def test_masked_gln_is_gln_without_a_mask_and_of_the_valid_frames_with_one():
+    torch.manual_seed(0)
+    plain = GlobalLayerNorm(6, channels_last=True)
+    masked = MaskedGlobalLayerNorm(6, channels_last=True)
+    with torch.no_grad():
+        for norm in (plain, masked):
+            norm.gamma.copy_(torch.linspace(0.5, 2, 6).view(1, 6, 1))
+            norm.beta.copy_(torch.linspace(-1, 1, 6).view(1, 6, 1))
+    x = torch.randn(2, 9, 6)
+    assert torch.equal(masked(x), plain(x))
+    mask = torch.arange(9)[None, :] < torch.tensor([[9], [5]])
+    with valid_frames(masked, mask):
+        out = masked(x)
+    assert masked.frame_mask is None
+    assert torch.allclose(out[1, :5], plain(x[1:, :5])[0], atol=1e-6) and (out[1, 5:] == 0).all()
+    assert torch.allclose(out[0], plain(x[:1])[0], atol=1e-6)
+
+
+OPTIONS = {
+    "design": {},
+    "reference_later": dict(mix_blocks=4, upsample="learned", mask_act="relu"),
+    "blocks_before_proj": dict(mix_blocks=2, mix_blocks_before_proj=True),
+}
+
+
+@pytest.mark.parametrize("front", FRONT_ENDS)
+@pytest.mark.parametrize("options", sorted(OPTIONS))
+def test_ragged_batch_output_equals_each_item_alone(front, options):
+    """Each item of a batch of different enrolment and mixture lengths gives the estimate it
+    gives alone (both models, both front ends, with the reference's options too)."""
+    mix, enroll, mix_lens, enroll_lens, mix_n, enroll_n = ragged_batch()
+    static_options = dict(OPTIONS[options], **({"fusion": "film", "speaker_transform": True}
+                                                if options == "reference_later" else {}))
+    for model in (make_dynamic(front=front, num_hybrid_layers=2, qkb="soft", **OPTIONS[options]),
+                  make_static(front=front, **static_options)):
+        noisy = mix.clone()
+        noisy[1, mix_n[1]:] = 10.0  # what lies in the padding does not matter
+        with torch.no_grad():
+            batch = model(noisy, enroll, mix_lens, enroll_lens)
+            for b in range(2):
+                alone = model(mix[b:b + 1, : mix_n[b]], enroll[b:b + 1, : enroll_n[b]])[0]
+                assert (batch[b, : mix_n[b]] - alone).abs().max() <= 1e-5 * alone.abs().max(), (type(model), b)
+
+
+# ------------------------------------------- options for the reference's details
+
+
+def test_speaker_transform_is_three_linear_layers_with_a_tanh():
+    torch.manual_seed(0)
+    transform = SpeakerTransform(12)
+    linear = [m for m in transform.layers if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linear] == [(12, 128), (128, 128), (128, 12)]
+    e = torch.randn(3, 12)
+    expected = linear[2](torch.tanh(linear[1](linear[0](e))))
+    assert torch.allclose(transform(e), expected)
+    fused = SpeakerFusion(6, 12, "film", speaker_transform=True)
+    assert fused.speaker_transform is not None and SpeakerFusion(6, 12).speaker_transform is None
+
+
+def test_learned_upsampling_starts_as_linear_interpolation():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7)
+    up = LearnedUpsampling(3)
+    with torch.no_grad():
+        y = up(x, 16)
+    padded = torch.nn.functional.pad(x, (1, 1))  # zeros beyond both ends
+    for m in range(7):
+        assert torch.allclose(y[..., 2 * m], 0.75 * x[..., m] + 0.25 * padded[..., m], atol=1e-6)
+        assert torch.allclose(y[..., 2 * m + 1], 0.75 * x[..., m] + 0.25 * padded[..., m + 2], atol=1e-6)
+    # the output 2 * frames (a quarter of the last frame) is kept, then zeros
+    assert torch.allclose(y[..., 14], 0.25 * x[..., 6], atol=1e-6) and (y[..., 15:] == 0).all()
+    assert up(x, 5).shape[-1] == 5
+    with pytest.raises(ValueError, match="upsample='interpolate'"):
+        WavLMTasNet(make_wavlm(), upsample="learned", **{**SMALL, "stride": 40, "kernel_size": 80})
+
+
+def test_options_build_the_reference_s_layers():
+    model = make_static(mix_blocks=4, mix_blocks_before_proj=True, mask_act="relu")
+    widths = [block.conv_in.in_channels for block in model.mix_blocks]
+    assert widths == [model.wavlm.hidden_size] * 4
+    assert [block.dilation for block in model.mix_blocks] == [1, 2, 4, 8]
+    assert model.masker.mask_act_name == "relu"
+    mix, enroll, mix_lens, enroll_lens, *_ = ragged_batch()
+    with torch.no_grad():
+        out = model(mix, enroll, mix_lens, enroll_lens)
+    assert torch.isfinite(out).all()
+    assert len(make_dynamic().mix_blocks) == 0 and len(make_static().mix_blocks) == 1
+    with pytest.raises(ValueError, match="mask_act"):
+        make_static(mask_act="tanh")
+    with pytest.raises(ValueError, match="upsample"):
+        make_dynamic(upsample="nearest")
+
+
+def test_checkpoint_with_the_single_mix_block_loads():
+    model = make_static()
+    state = {(k.replace("mix_blocks.0.", "mix_block.") if k.startswith("mix_blocks.0.") else k): v + 1.0
+             for k, v in model.state_dict().items()}
+    fresh = make_static()
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.mix_blocks[0].conv_in.weight, model.mix_blocks[0].conv_in.weight + 1.0)
 
 
 # ----------------------------------------------------------------------------- switches

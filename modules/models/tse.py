@@ -29,13 +29,28 @@ Fixes over the reference implementation of the dynamic model (each has a test in
    and no query row is ever fully masked (batch padding shares the mixture segment);
 2. a sample whose every key would be suppressed keeps its most target-like keys
    (``qkb_fallback_fraction`` of its frames, at least one) instead of attending uniformly;
-3. ``qkb: soft`` gives a differentiable bias ``scale * log(s_t)`` (learnable ``scale``) beside the
-   hard threshold ``qkb: hard`` (``s_t < tau`` suppressed) and ``qkb: none``;
+3. ``qkb: soft`` gives a differentiable bias ``scale * cos(h_t, e)`` (learnable ``scale``, 5 at
+   the start, as the author's later version of the reference) beside ``qkb: soft_log``
+   (``scale * log(s_t)``), the hard threshold ``qkb: hard`` (``s_t < tau`` suppressed) and
+   ``qkb: none``;
 4. after the sequence switch the relative position bias is recomputed for the mixture-only
    sequence (positions 0 .. frames-1 of each mixture);
 5. enrolments and mixtures of different lengths in one batch: every segment starts on a WavLM
    frame boundary, each sample has its own segment boundaries and padding masks, and the mixture
-   frames are gathered per sample (:func:`sequence_layout`).
+   frames are gathered per sample (:func:`sequence_layout`);
+6. nothing before layer N mixes enrolment and mixture: WavLM takes its statistics per segment
+   (first-layer GroupNorm of the base models, waveform normalisation, positional convolution:
+   ``segments`` of :meth:`~modules.models.wavlm.WavLM.embed`), so the mixture's states up to
+   layer N are those of the mixture alone and the enrolment reaches the output only through
+   the speaker ``e`` (QKb).
+
+Both models: each sample of a batch of different lengths gives what it gives alone (tested to
+1e-5, both WavLM front ends): WavLM's statistics are taken over each sample's own samples, and
+every gLN of the TCN blocks over the sample's valid frames (:class:`MaskedGlobalLayerNorm`).
+
+Options for details of the reference's code (JunyiPeng00/wesep, ``wesep/models/wavlm_tasnet.py``,
+``wavlm_dynamic_tasnet.py``; its first version and the author's later one) are listed in each
+model's docstring; the defaults are the design's.
 
 Shapes: waveforms ``[batch, samples]``; WavLM states ``[batch, frames, dim]``; TasNet
 representations ``[batch, channels, frames]``.
@@ -43,6 +58,7 @@ representations ``[batch, channels, frames]``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,7 +67,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules.models.base import Decoder, Encoder, EncoderMaskerDecoder
+from modules.models.base import Decoder, Encoder, EncoderMaskerDecoder, GlobalLayerNorm
 from modules.models.convtasnet import TCN, TemporalBlock
 from modules.models.losses import si_snr
 from modules.models.wavlm import WavLM, conv_output_lengths, mask_value, segment_attention_bias
@@ -60,6 +76,7 @@ __all__ = [
     "LayerWeights",
     "MHFA",
     "mean_pooling",
+    "SpeakerTransform",
     "SpeakerFusion",
     "FUSION_MODES",
     "QKB_MODES",
@@ -71,12 +88,18 @@ __all__ = [
     "qkb_key_bias",
     "extraction_metrics",
     "EXTRACTION_METRICS",
+    "MaskedGlobalLayerNorm",
+    "use_masked_norms",
+    "valid_frames",
+    "LearnedUpsampling",
+    "MASK_ACTIVATIONS",
+    "UPSAMPLING",
     "WavLMTasNet",
     "WavLMDynamicTasNet",
 ]
 
 FUSION_MODES = ("multiply", "add", "concat", "film")
-QKB_MODES = ("hard", "soft", "none")
+QKB_MODES = ("hard", "soft", "soft_log", "none")
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,11 +183,27 @@ class MHFA(nn.Module):
         return self.output(pooled.flatten(1))
 
 
+class SpeakerTransform(nn.Module):
+    """The reference's transform of a speaker embedding before fusion: three 1x1 convolutions on
+    the embedding (here linear layers, the same thing on a vector) ``emb_dim -> hidden -> hidden
+    -> emb_dim`` with a tanh after the second (``SpeakerTransform`` of JunyiPeng00/wesep,
+    ``wesep/modules/common/speaker.py``, 3 layers, hidden 128). ``[batch, emb_dim]`` -> same."""
+
+    def __init__(self, emb_dim: int, hidden: int = 128):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(emb_dim, hidden), nn.Linear(hidden, hidden), nn.Tanh(),
+                                    nn.Linear(hidden, emb_dim))
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.layers(embedding)
+
+
 class SpeakerFusion(nn.Module):
     """Condition features ``[batch, channels, frames]`` on a speaker embedding ``[batch, emb_dim]``.
 
-    The embedding first goes through the speaker transform (a linear layer to the feature width,
-    broadcast over frames), then:
+    With ``speaker_transform`` the embedding first passes a :class:`SpeakerTransform` (the
+    reference's; default off: the design's single linear layer). Then a linear layer takes it
+    to the feature width (``t(e)``, broadcast over frames), and:
 
     * ``multiply`` (default, as the reference): ``x * t(e)``;
     * ``add``: ``x + t(e)``;
@@ -173,11 +212,12 @@ class SpeakerFusion(nn.Module):
       AAAI 2018), starting as the identity on ``x``.
     """
 
-    def __init__(self, channels: int, emb_dim: int, mode: str = "multiply"):
+    def __init__(self, channels: int, emb_dim: int, mode: str = "multiply", speaker_transform: bool = False):
         super().__init__()
         if mode not in FUSION_MODES:
             raise ValueError(f"unknown fusion mode {mode!r}; choose one of {list(FUSION_MODES)}")
         self.mode = mode
+        self.speaker_transform = SpeakerTransform(emb_dim) if speaker_transform else None
         self.transform = nn.Linear(emb_dim, 2 * channels if mode == "film" else channels)
         if mode == "film":  # gamma = beta = 0 at the start
             nn.init.zeros_(self.transform.weight)
@@ -185,6 +225,8 @@ class SpeakerFusion(nn.Module):
         self.mix = nn.Conv1d(2 * channels, channels, 1) if mode == "concat" else None
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        if self.speaker_transform is not None:
+            embedding = self.speaker_transform(embedding)
         t = self.transform(embedding)[..., None].to(x.dtype)  # [batch, channels(*2), 1]
         if self.mode == "multiply":
             return x * t
@@ -267,6 +309,16 @@ class SequenceLayout:
         ids = torch.where(t < self.mix_start_frame[:, None], 1, ids)
         return torch.where(t < self.enroll_frames[:, None], 0, ids)
 
+    def sample_segments(self, samples: int) -> torch.Tensor:
+        """``[batch, samples]`` segments for :meth:`~modules.models.wavlm.WavLM.embed`: 0 on
+        the enrolment's samples, 1 on the mixture's, -1 on the rest (the enrolment's zero
+        padding, the silence, the batch padding)."""
+        t = torch.arange(samples, device=self.total_samples.device)[None, :]
+        ids = torch.full((len(self.total_samples), samples), -1, dtype=torch.long, device=t.device)
+        ids = torch.where(t < self.enroll_samples[:, None], 0, ids)
+        in_mix = (t >= self.mix_start_sample[:, None]) & (t < self.total_samples[:, None])
+        return torch.where(in_mix, 1, ids)
+
 
 def sequence_layout(enroll_samples: torch.Tensor, mix_samples: torch.Tensor, silence_samples: int,
                     kernels: Sequence[int], strides: Sequence[int]) -> SequenceLayout:
@@ -322,8 +374,10 @@ def qkb_key_bias(scores: torch.Tensor, mode: str = "hard", tau: float = 0.5,
     mode : str
         ``hard``: keys with ``s_t < tau`` get :data:`SAFE_MASK` (float16's
         :func:`~modules.models.wavlm.mask_value`: finite in every dtype, zero weight after the softmax),
-        the others 0. ``soft``: ``scale * log(s_t)`` (differentiable; ``scale`` may be a
-        learnable tensor). ``none``: no bias.
+        the others 0; no gradient reaches the scores. ``soft``: ``scale * cos(h_t, e)``
+        (``= scale * logit(s_t)``; differentiable, a range of ``2 * scale`` nats; ``scale`` may
+        be a learnable tensor). ``soft_log``: ``scale * log(s_t)`` (differentiable, at most
+        about one nat of range per unit of scale). ``none``: no bias.
     padding_mask : torch.Tensor, optional
         ``[batch, frames]`` True on real frames (padding is masked elsewhere; here it only
         decides which keys count as real for the fallback).
@@ -341,8 +395,8 @@ def qkb_key_bias(scores: torch.Tensor, mode: str = "hard", tau: float = 0.5,
     """
     if mode == "none":
         return None, None
-    if mode == "soft":
-        bias = scale * torch.log(scores)
+    if mode in ("soft", "soft_log"):
+        bias = scale * (torch.logit(scores) if mode == "soft" else torch.log(scores))
         return bias.clamp(min=SAFE_MASK).to(dtype)[:, None, None, :], None
     if mode != "hard":
         raise ValueError(f"unknown QKb mode {mode!r}; choose one of {list(QKB_MODES)}")
@@ -382,8 +436,105 @@ def extraction_metrics(mix: torch.Tensor, est: torch.Tensor, target: torch.Tenso
 
 
 # --------------------------------------------------------------------------------------------
+# Valid frames of a ragged batch; upsampling
+# --------------------------------------------------------------------------------------------
+
+
+class MaskedGlobalLayerNorm(GlobalLayerNorm):
+    """gLN that can take its statistics over the valid frames of each sample only.
+
+    Outside :func:`valid_frames` (``frame_mask`` None) it is :class:`GlobalLayerNorm`, computed
+    the same way. Inside ``with valid_frames(module, mask)`` (``mask [batch, frames]``, True on
+    valid frames) each sample's mean and variance come from its valid frames, and the output is
+    zero on the other frames: a following convolution then sees zeros past a sample's end, as
+    its own zero padding, so a sample padded in a batch gives on its valid frames what it gives
+    alone. Same parameters as gLN (``gamma``, ``beta``).
+    """
+
+    frame_mask: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.frame_mask
+        if mask is None:
+            return super().forward(x)
+        c_dim = 2 if self.channels_last else 1
+        gamma, beta = self.affine()
+        weight = mask.unsqueeze(c_dim).to(x.dtype)  # [batch, frames, 1] or [batch, 1, frames]
+        count = weight.sum((1, 2), keepdim=True).clamp(min=1.0) * x.shape[c_dim]
+        mean = (x * weight).sum((1, 2), keepdim=True) / count
+        centred = (x - mean) * weight
+        var = centred.square().sum((1, 2), keepdim=True) / count
+        return (centred * (gamma * torch.rsqrt(var + self.eps)) + beta) * weight
+
+
+def use_masked_norms(module: nn.Module) -> nn.Module:
+    """Replace every :class:`GlobalLayerNorm` inside ``module`` by a :class:`MaskedGlobalLayerNorm`
+    with the same parameters (in place; returns ``module``)."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is GlobalLayerNorm:
+                masked = MaskedGlobalLayerNorm(child.gamma.shape[1], child.eps, child.channels_last)
+                masked.load_state_dict(child.state_dict())
+                setattr(parent, name, masked.to(child.gamma.device, child.gamma.dtype))
+    return module
+
+
+@contextlib.contextmanager
+def valid_frames(module: nn.Module, mask: torch.Tensor | None):
+    """Within the block, every :class:`MaskedGlobalLayerNorm` of ``module`` uses ``mask``
+    (``[batch, frames]``, True on valid frames). A None or all-True mask leaves them plain gLN."""
+    norms = [m for m in module.modules() if isinstance(m, MaskedGlobalLayerNorm)]
+    if mask is not None and bool(mask.all()):
+        mask = None
+    for norm in norms:
+        norm.frame_mask = mask
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.frame_mask = None
+
+
+def _frame_mask(lengths: torch.Tensor, frames: int) -> torch.Tensor:
+    """``[batch, frames]`` True on the first ``lengths[b]`` frames."""
+    return torch.arange(frames, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class LearnedUpsampling(nn.Module):
+    """Learnable 2x upsampling in time, initialised as linear interpolation.
+
+    A transposed convolution (kernel 4, stride 2, no bias) whose weights start with
+    ``[0.25, 0.75, 0.75, 0.25]`` from each channel to itself: output frame ``2m`` is
+    ``0.75 x[m] + 0.25 x[m-1]``, frame ``2m+1`` is ``0.75 x[m] + 0.25 x[m+1]`` (zeros beyond the
+    input). The layer and its initialisation are those of the author's later version of the
+    reference (``wesep/models/wavlm_tasnet.py`` and ``wavlm_dynamic_tasnet.py`` of
+    JunyiPeng00/wesep), which crops one output at each end (``padding=1``); here only the first
+    is dropped, so output ``2 * frames`` (``0.25 x[-1]``) is kept and a sample padded with zero
+    frames in a batch gives what it gives alone. ``[batch, C, frames]`` -> ``[batch, C,
+    out_frames]``: the ``2 * frames + 1`` outputs, cut or zero-padded at the end.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.ConvTranspose1d(channels, channels, 4, stride=2, bias=False)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            index = torch.arange(channels)
+            self.conv.weight[index, index] = torch.tensor([0.25, 0.75, 0.75, 0.25])
+
+    def forward(self, x: torch.Tensor, out_frames: int) -> torch.Tensor:
+        y = self.conv(x)[..., 1:]  # output 0 lies half a frame before the input's first frame
+        if y.shape[-1] >= out_frames:
+            return y[..., :out_frames]
+        return F.pad(y, (0, out_frames - y.shape[-1]))
+
+
+# --------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------
+
+MASK_ACTIVATIONS = ("sigmoid", "relu")
+UPSAMPLING = ("interpolate", "learned")
 
 
 def _sample_lengths(wav: torch.Tensor, lens) -> torch.Tensor:
@@ -393,24 +544,58 @@ def _sample_lengths(wav: torch.Tensor, lens) -> torch.Tensor:
     return torch.round(torch.as_tensor(lens, device=wav.device).float() * wav.shape[-1]).long()
 
 
+def _real_sample_segments(wav: torch.Tensor, lens) -> torch.Tensor:
+    """``segments`` for :meth:`~modules.models.wavlm.WavLM.embed`: 0 on real samples, -1 on padding."""
+    real = _frame_mask(_sample_lengths(wav, lens), wav.shape[-1])
+    return torch.where(real, 0, -1)
+
+
 class _WavLMExtractor(EncoderMaskerDecoder):
-    """Shared part of the two models: TasNet encoder/decoder, the sigmoid mask head
-    (:class:`~modules.models.convtasnet.TCN` with ``n_src=1``, ``mask_blocks`` blocks of dilations 1, 2, 4, ...)
-    and the interpolation of WavLM frames onto encoder frames. Subclasses implement
-    :meth:`condition` (features ``[batch, encoder_dim, encoder frames]``)."""
+    """Shared part of the two models.
+
+    TasNet encoder/decoder; the mask head (:class:`~modules.models.convtasnet.TCN` with
+    ``n_src=1``, ``mask_blocks`` blocks of dilations 1, 2, 4, ...; sigmoid or ReLU mask); the
+    mixture's WavLM-rate path (:meth:`mix_features`: softmax-weighted sum of the layers, 1x1
+    projection to ``encoder_dim``, ``mix_blocks`` TCN blocks at the WavLM rate after the
+    projection or, with ``mix_blocks_before_proj``, at WavLM's width before it, then
+    interpolation or learned upsampling onto the encoder frames); and the valid frames of a
+    ragged batch (every gLN of these blocks takes its statistics over a sample's valid frames).
+    Subclasses implement :meth:`condition` (features ``[batch, encoder_dim, encoder frames]``).
+    """
 
     def __init__(self, wavlm: WavLM, encoder_dim=512, kernel_size=320, stride=160, bottleneck=256,
-                 hidden=512, skip=256, mask_blocks=3, norm="gLN"):
+                 hidden=512, skip=256, mask_blocks=3, norm="gLN", mask_act="sigmoid", mix_blocks=0,
+                 mix_blocks_before_proj=False, upsample="interpolate"):
+        if mask_act not in MASK_ACTIVATIONS:
+            raise ValueError(f"unknown mask_act {mask_act!r}; choose one of {list(MASK_ACTIVATIONS)}")
+        if upsample not in UPSAMPLING:
+            raise ValueError(f"unknown upsample {upsample!r}; choose one of {list(UPSAMPLING)}")
         super().__init__(
             Encoder(kernel_size, encoder_dim, stride=stride),
             TCN(encoder_dim, B=bottleneck, H=hidden, Sc=skip, P=3, X=mask_blocks, R=1, n_src=1,
-                norm=norm, mask_act="sigmoid"),
+                norm=norm, mask_act=mask_act),
             Decoder(kernel_size, encoder_dim, stride=stride),
         )
         self.wavlm = wavlm
         self.encoder_dim = encoder_dim
         cfg = wavlm.config
         self.wavlm_receptive = receptive_field_samples(cfg.conv_kernel, cfg.conv_stride)
+        self.mix_weights = LayerWeights(wavlm.num_layers + 1)
+        self.mix_proj = nn.Conv1d(wavlm.hidden_size, encoder_dim, 1)
+        # blocks at the WavLM rate, dilations 1, 2, 4, ...; the skip output is the residual branch
+        width = wavlm.hidden_size if mix_blocks_before_proj else encoder_dim
+        self.mix_blocks_before_proj = bool(mix_blocks_before_proj)
+        self.mix_blocks = nn.ModuleList(TemporalBlock(width, hidden, width, 3, 2**i, norm=norm, residual=False)
+                                        for i in range(int(mix_blocks)))
+        self.upsampler = None
+        if upsample == "learned":
+            if wavlm.frame_stride != 2 * stride:
+                raise ValueError(f"upsample='learned' doubles the frame rate, but WavLM frames are "
+                                 f"{wavlm.frame_stride} samples apart and encoder frames {stride}; use "
+                                 f"upsample='interpolate' or an encoder stride of {wavlm.frame_stride / 2:g}")
+            self.upsampler = LearnedUpsampling(encoder_dim)
+        use_masked_norms(self.masker)
+        use_masked_norms(self.mix_blocks)
 
     def to_encoder_frames(self, x: torch.Tensor, out_frames: int, lengths=None) -> torch.Tensor:
         """WavLM-rate features ``[batch, C, wavlm frames]`` -> ``[batch, C, out_frames]`` on the
@@ -419,12 +604,42 @@ class _WavLMExtractor(EncoderMaskerDecoder):
         return align_frames(x, out_frames, enc.stride, enc.kernel_size / 2, self.wavlm.frame_stride,
                             self.wavlm_receptive / 2, lengths)
 
+    def mix_features(self, hidden, wavlm_frames: torch.Tensor, out_frames: int) -> torch.Tensor:
+        """The mixture's WavLM states (``[layers + 1, batch, frames, dim]`` or a list) with
+        ``wavlm_frames [batch]`` valid frames -> ``[batch, encoder_dim, out_frames]``."""
+        x = self.mix_weights(hidden).transpose(1, 2)  # [batch, dim, frames]
+        mask = _frame_mask(wavlm_frames.to(x.device), x.shape[-1])
+        if self.mix_blocks_before_proj:
+            x = self._wavlm_rate_blocks(x, mask)
+        x = self.mix_proj(x)
+        if not self.mix_blocks_before_proj:
+            x = self._wavlm_rate_blocks(x, mask)
+        if self.upsampler is not None:  # invalid frames set to zero, as past the end of a sample alone
+            return self.upsampler(x * mask[:, None].to(x.dtype), out_frames)
+        return self.to_encoder_frames(x, out_frames, wavlm_frames)
+
+    def _wavlm_rate_blocks(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with valid_frames(self.mix_blocks, mask):
+            for block in self.mix_blocks:
+                _, skip = block(x)
+                x = x + skip
+        return x
+
+    def encoder_frames(self, mix_samples: torch.Tensor, length: int) -> torch.Tensor:
+        """Encoder frames of mixtures of ``mix_samples [batch]`` real samples padded to
+        ``length``: the frames each mixture gives alone (the encoder appends ``padding_for``
+        zeros)."""
+        enc = self.encoder
+        pad = enc.padding_for(length)
+        return conv_output_lengths(mix_samples + pad, [enc.kernel_size], [enc.stride])
+
     def condition(self, mix, enroll, mix_lens, enroll_lens, out_frames):
         raise NotImplementedError
 
     def forward(self, mix: torch.Tensor, enroll: torch.Tensor, mix_lens=None, enroll_lens=None):
         """``mix [batch, time]``, ``enroll [batch, time']`` (relative lengths optional) ->
-        target estimate ``[batch, time]``."""
+        target estimate ``[batch, time]``. Each sample of a batch gives on its real samples what
+        it gives alone (up to float rounding), whatever the padding holds."""
         if mix.dim() == 1:
             mix = mix.unsqueeze(0)
         if enroll.dim() == 1:
@@ -432,9 +647,13 @@ class _WavLMExtractor(EncoderMaskerDecoder):
         if mix.dim() != 2 or enroll.dim() != 2 or mix.shape[0] != enroll.shape[0]:
             raise ValueError(f"expected mix [batch, time] and enroll [batch, time'] with the same batch, "
                              f"got {tuple(mix.shape)} and {tuple(enroll.shape)}")
+        mix_samples = _sample_lengths(mix, mix_lens)
+        if mix_lens is not None:  # the encoder sees zeros past a mixture's end, as alone
+            mix = mix * _frame_mask(mix_samples, mix.shape[-1]).to(mix.dtype)
         w = self.encode(mix)
         features = self.condition(mix, enroll, mix_lens, enroll_lens, w.shape[-1])
-        masks = self.masker(features)  # [batch, 1, encoder_dim, frames]
+        with valid_frames(self.masker, _frame_mask(self.encoder_frames(mix_samples, mix.shape[-1]), w.shape[-1])):
+            masks = self.masker(features)  # [batch, 1, encoder_dim, frames]
         return self.decode(self.apply_masks(w, masks), mix.shape[-1])[..., 0]
 
 
@@ -452,38 +671,56 @@ class WavLMTasNet(_WavLMExtractor):
     mask_blocks : int
         TCN blocks after the fusion (3: dilations 1, 2, 4).
     fusion : str
-        ``multiply`` (default), ``add``, ``concat`` or ``film`` (:class:`SpeakerFusion`).
+        ``multiply`` (default, the design and the reference's first version), ``add``,
+        ``concat`` or ``film`` (the author's later version) (:class:`SpeakerFusion`).
     mhfa_compression, mhfa_heads, speaker_dim : int
         :class:`MHFA` sizes (128, 8, 256).
     norm : str
         Normalisation of the TCN blocks (gLN).
+    speaker_transform : bool
+        False (default, the design): one linear layer takes the embedding to the fusion; True:
+        the reference's :class:`SpeakerTransform` first.
+    mix_blocks : int
+        TCN blocks on the mixture at the WavLM rate (dilations 1, 2, 4, ...): 1 (default, the
+        design and the reference's first version) or 4 (the later version).
+    mix_blocks_before_proj : bool
+        False (default, the design): those blocks run after the 1x1 projection, at
+        ``encoder_dim`` channels; True (the reference, both versions): before it, at WavLM's
+        width (768 for base).
+    upsample : str
+        ``interpolate`` (default, the design and the reference's first version: linear
+        interpolation at matched frame centres) or ``learned`` (the later version:
+        :class:`LearnedUpsampling`, needs WavLM frames twice the encoder's stride).
+    mask_act : str
+        ``sigmoid`` (default, the design and the first version) or ``relu`` (the later version).
     """
 
     def __init__(self, wavlm: WavLM, encoder_dim=512, kernel_size=320, stride=160, bottleneck=256,
                  hidden=512, skip=256, mask_blocks=3, fusion="multiply", mhfa_compression=128,
-                 mhfa_heads=8, speaker_dim=256, norm="gLN"):
+                 mhfa_heads=8, speaker_dim=256, norm="gLN", speaker_transform=False, mix_blocks=1,
+                 mix_blocks_before_proj=False, upsample="interpolate", mask_act="sigmoid"):
         super().__init__(wavlm, encoder_dim, kernel_size, stride, bottleneck, hidden, skip,
-                         mask_blocks, norm)
-        layers = wavlm.num_layers + 1
-        self.mix_weights = LayerWeights(layers)
-        self.mix_proj = nn.Conv1d(wavlm.hidden_size, encoder_dim, 1)
-        # one block at the WavLM rate; its skip output is used as a residual branch
-        self.mix_block = TemporalBlock(encoder_dim, hidden, encoder_dim, 3, 1, norm=norm, residual=False)
-        self.mhfa = MHFA(layers, wavlm.hidden_size, mhfa_compression, mhfa_heads, speaker_dim)
-        self.fusion = SpeakerFusion(encoder_dim, speaker_dim, fusion)
+                         mask_blocks, norm, mask_act, mix_blocks, mix_blocks_before_proj, upsample)
+        self.mhfa = MHFA(wavlm.num_layers + 1, wavlm.hidden_size, mhfa_compression, mhfa_heads, speaker_dim)
+        self.fusion = SpeakerFusion(encoder_dim, speaker_dim, fusion, speaker_transform)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint whose single WavLM-rate block is named `mix_block` loads as `mix_blocks.0`
+        old = prefix + "mix_block."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[prefix + "mix_blocks.0." + key[len(old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def speaker_embedding(self, enroll: torch.Tensor, enroll_lens=None) -> torch.Tensor:
         """``enroll [batch, time]`` -> MHFA embedding ``[batch, speaker_dim]``."""
-        hidden = self.wavlm(enroll, enroll_lens)
+        hidden = self.wavlm(enroll, enroll_lens, segments=_real_sample_segments(enroll, enroll_lens))
         return self.mhfa(hidden, self.wavlm.frame_padding_mask(enroll, enroll_lens))
 
     def condition(self, mix, enroll, mix_lens, enroll_lens, out_frames):
-        hidden = self.wavlm(mix, mix_lens)  # [layers + 1, batch, frames, dim]
-        x = self.mix_proj(self.mix_weights(hidden).transpose(1, 2))
-        _, skip = self.mix_block(x)
-        x = x + skip
+        # [layers + 1, batch, frames, dim]; statistics over each mixture's own samples
+        hidden = self.wavlm(mix, mix_lens, segments=_real_sample_segments(mix, mix_lens))
         frames = self.wavlm.num_frames(_sample_lengths(mix, mix_lens))
-        x = self.to_encoder_frames(x, out_frames, frames)
+        x = self.mix_features(hidden, frames, out_frames)
         return self.fusion(x, self.speaker_embedding(enroll, enroll_lens))
 
 
@@ -498,8 +735,10 @@ class WavLMDynamicTasNet(_WavLMExtractor):
     hybrid_mask : bool
         Block-diagonal attention in those layers (True), or full attention (False).
     qkb : str
-        ``hard`` (threshold ``tau``), ``soft`` (``scale * log s_t``, learnable ``scale``) or
-        ``none``; applied in layers N+1 .. L.
+        Key bias of layers N+1 .. L (:func:`qkb_key_bias`): ``hard`` (default, the design and
+        the reference's first version: keys with ``s_t < tau`` suppressed; no gradient),
+        ``soft`` (the author's later version: ``scale * cos(h_t, e)``, learnable ``scale``),
+        ``soft_log`` (``scale * log s_t``) or ``none``.
     tau : float
         Hard threshold on ``s_t = sigmoid(cos(h_t, e))`` (0.5: keys with a negative cosine are
         suppressed).
@@ -507,21 +746,27 @@ class WavLMDynamicTasNet(_WavLMExtractor):
         Hard mode: a sample with every key suppressed keeps this fraction of its most
         target-like keys (at least one); 0 disables this (uniform attention, as the reference).
     soft_scale : float
-        Initial value of the learnable scale of the soft bias.
+        Initial value of the learnable (positive) scale of the soft biases (5, the later
+        version's start for ``soft``).
     silence_seconds : float
         Silence between enrolment and mixture (1 s), at ``sample_rate``.
     sample_rate : int
         Rate of the waveforms (16000 for the released WavLM).
-    encoder_dim, kernel_size, stride, bottleneck, hidden, skip, mask_blocks, norm
+    encoder_dim, kernel_size, stride, bottleneck, hidden, skip, mask_blocks, norm, mask_act, upsample
         As :class:`WavLMTasNet`.
+    mix_blocks, mix_blocks_before_proj
+        As :class:`WavLMTasNet`, but 0 blocks by default (the design and the reference's
+        first version: the projection goes straight to the mask head); the later version
+        has 4 after the projection.
     """
 
     def __init__(self, wavlm: WavLM, num_hybrid_layers=5, hybrid_mask=True, qkb="hard", tau=0.5,
-                 qkb_fallback_fraction=0.1, soft_scale=1.0, silence_seconds=1.0, sample_rate=16000,
+                 qkb_fallback_fraction=0.1, soft_scale=5.0, silence_seconds=1.0, sample_rate=16000,
                  encoder_dim=512, kernel_size=320, stride=160, bottleneck=256, hidden=512, skip=256,
-                 mask_blocks=3, norm="gLN"):
+                 mask_blocks=3, norm="gLN", mask_act="sigmoid", mix_blocks=0, mix_blocks_before_proj=False,
+                 upsample="interpolate"):
         super().__init__(wavlm, encoder_dim, kernel_size, stride, bottleneck, hidden, skip,
-                         mask_blocks, norm)
+                         mask_blocks, norm, mask_act, mix_blocks, mix_blocks_before_proj, upsample)
         if not 0 <= num_hybrid_layers <= wavlm.num_layers:
             raise ValueError(f"num_hybrid_layers={num_hybrid_layers} must be in 0 .. {wavlm.num_layers} "
                              "(the WavLM's layers)")
@@ -533,9 +778,8 @@ class WavLMDynamicTasNet(_WavLMExtractor):
         self.tau = float(tau)
         self.qkb_fallback_fraction = float(qkb_fallback_fraction)
         self.silence_samples = int(round(silence_seconds * sample_rate))
-        self.log_soft_scale = nn.Parameter(torch.tensor(math.log(soft_scale))) if qkb == "soft" else None
-        self.mix_weights = LayerWeights(wavlm.num_layers + 1)
-        self.mix_proj = nn.Conv1d(wavlm.hidden_size, encoder_dim, 1)
+        soft = qkb in ("soft", "soft_log")
+        self.log_soft_scale = nn.Parameter(torch.tensor(math.log(soft_scale))) if soft else None
         self.last_fallbacks = 0  # samples x layers that used the hard-QKb fallback in the last call
 
     # ---------------------------------------------------------------- input assembly
@@ -600,7 +844,9 @@ class WavLMDynamicTasNet(_WavLMExtractor):
         """
         wavlm, n_hybrid = self.wavlm, self.num_hybrid_layers
         wav, sample_mask, layout = self.assemble(mix, enroll, mix_lens, enroll_lens)
-        hidden, padding = wavlm.embed(wav, attention_mask=sample_mask)
+        # statistics per segment: nothing before the first layer mixes enrolment and mixture
+        hidden, padding = wavlm.embed(wav, attention_mask=sample_mask,
+                                      segments=layout.sample_segments(wav.shape[-1]))
         frames = hidden.shape[1]
         bias = None
         if self.hybrid_mask and n_hybrid > 0:
@@ -640,8 +886,7 @@ class WavLMDynamicTasNet(_WavLMExtractor):
 
     def condition(self, mix, enroll, mix_lens, enroll_lens, out_frames):
         out = self.mix_hidden_states(mix, enroll, mix_lens, enroll_lens)
-        x = self.mix_proj(self.mix_weights(out["hidden"]).transpose(1, 2))
-        return self.to_encoder_frames(x, out_frames, out["layout"].mix_frames)
+        return self.mix_features(out["hidden"], out["layout"].mix_frames, out_frames)
 
     def forward(self, mix: torch.Tensor, enroll: torch.Tensor | None = None, mix_lens=None,
                 enroll_lens=None, enroll_samples=None):
