@@ -170,6 +170,35 @@ def test_segments_of_a_concatenation_equal_the_segments_alone(lobe, normalize):
         lobe.normalize_wav = False
 
 
+def test_segment_group_norm_for_runs_and_for_any_labels():
+    """Per-segment GroupNorm statistics: segments that are runs of frames (normalised run by run)
+    and scattered labels (masked sums) both agree with a slow loop; unlabelled frames get the bias."""
+    lobe = make_lobe("base")
+    norm = lobe.model.feature_extractor.conv_layers[0].layer_norm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    torch.manual_seed(8)
+    feats = torch.randn(2, norm.num_channels, 40)
+    runs = torch.full((2, 40), -1)
+    runs[0, :15], runs[0, 18:], runs[1, 3:33] = 0, 1, 0
+    scattered = runs.clone()
+    scattered[0, 5:8] = 1  # segment 1 in two pieces
+    for labels in (runs, scattered):
+        with torch.no_grad():
+            out = lobe._segment_group_norm(feats, labels, norm)
+        for b in range(2):
+            for t in range(40):
+                label = int(labels[b, t])
+                if label < 0:
+                    assert torch.allclose(out[b, :, t], norm.bias)
+                    continue
+                inside = feats[b][:, labels[b] == label]
+                mean, var = inside.mean(1), inside.var(1, unbiased=False)
+                expected = (feats[b, :, t] - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+                assert torch.allclose(out[b, :, t], expected, atol=1e-4)
+
+
 def test_segments_must_label_every_sample():
     lobe = make_lobe()
     with pytest.raises(ValueError, match="segments must label every sample"):

@@ -370,7 +370,29 @@ class WavLM(nn.Module):
     def _segment_group_norm(self, feats: torch.Tensor, labels: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
         """The first conv layer's GroupNorm (one group per channel: statistics over time) with
         statistics per segment: ``feats [batch, C, frames]``, ``labels [batch, frames]`` (-1: no
-        segment; such frames are set to the norm's bias)."""
+        segment; such frames are set to the norm's bias). A segment that is one run of frames
+        in a sample (the usual case) is normalised by ``F.group_norm`` on that run, exactly as
+        alone; other label patterns take the statistics with masked sums."""
+        spans = []
+        for b in range(labels.shape[0]):
+            for label in labels[b].unique().tolist():
+                if label < 0:
+                    continue
+                where = (labels[b] == label).nonzero()[:, 0]
+                lo, hi = int(where[0]), int(where[-1]) + 1
+                if hi - lo != len(where):
+                    return self._masked_group_norm(feats, labels, norm)
+                spans.append((b, lo, hi))
+        out = norm.bias.to(feats.dtype)[None, :, None].expand_as(feats).clone()
+        for b, lo, hi in spans:
+            out[b:b + 1, :, lo:hi] = F.group_norm(feats[b:b + 1, :, lo:hi], norm.num_groups, norm.weight,
+                                                  norm.bias, norm.eps)
+        return out
+
+    @staticmethod
+    def _masked_group_norm(feats: torch.Tensor, labels: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+        """:meth:`_segment_group_norm` for any label pattern: per-segment sums as products with
+        the one-hot labels."""
         dtype = feats.dtype
         x = feats.float()
         n_segments = int(labels.max()) + 1
