@@ -214,10 +214,9 @@ class AudioInterface(Pretrained):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)  # sets self.precision: run_opts, else hparams, else fp32
-        self.chunk_seconds = float(getattr(self.hparams, "chunk_seconds", INFERENCE_SETTINGS["chunk_seconds"]))
-        self.overlap_seconds = float(getattr(self.hparams, "overlap_seconds",
-                                             INFERENCE_SETTINGS["overlap_seconds"]))
-        self.reuse_freed_memory = bool(getattr(self.hparams, "reuse_freed_memory", False))
+        for key in ("chunk_seconds", "overlap_seconds", "reuse_freed_memory"):
+            default = INFERENCE_SETTINGS[key]
+            setattr(self, key, type(default)(getattr(self.hparams, key, default)))
 
     @classmethod
     def from_hparams(cls, source, hparams_file="hyperparams.yaml", overrides=None, trust_code=False,

@@ -104,7 +104,7 @@ def load_weights(module: torch.nn.Module, path, strict: bool = True):
     Returns the names loaded."""
     with open(path, "rb") as f:
         magic = f.read(2)
-    if magic in (b"PK", b"\x80\x02"):  # torch.save's zip format, or a legacy pickle
+    if magic == b"PK" or magic[:1] == b"\x80":  # torch.save's zip format, or a legacy pickle
         state = torch.load(path, map_location="cpu", weights_only=True)
     else:
         state = load_safetensors(str(path), device="cpu")
