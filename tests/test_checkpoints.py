@@ -58,3 +58,29 @@ def test_complete_checkpoints_carry_no_marker(tmp_path):
     assert saved is None or not os.path.exists(os.path.join(saved.path, SafeCheckpointer.MARKER))
     (path,) = [p for p in (tmp_path / "save").iterdir()]
     assert sorted(os.listdir(path)) == ["CKPT.yaml", "model.ckpt", "optimizer.ckpt"]
+
+
+
+def test_load_weights_reads_safetensors_whatever_their_first_byte(tmp_path):
+    """A safetensors file opens with its header's length, whose first byte can be torch's pickle
+    byte 0x80; both formats must load, whatever that length is."""
+    from safetensors.torch import save_file
+
+    from modules.training.brain import is_safetensors, load_weights
+
+    first_bytes = set()
+    for extra in range(0, 160, 3):  # longer names move the header length through its low byte
+        state = {"w" + "x" * extra: torch.randn(2, 2), "b" + "x" * extra: torch.randn(2)}
+        path = tmp_path / f"w{extra}.safetensors"
+        save_file(state, str(path))
+        first_bytes.add(path.read_bytes()[0])
+        assert is_safetensors(path)
+        target = torch.nn.Module()
+        for k, v in state.items():
+            target.register_buffer(k, torch.zeros_like(v))
+        load_weights(target, path)
+        assert all(torch.equal(target.state_dict()[k], v) for k, v in state.items())
+    assert 0x80 in first_bytes  # the case that was read as a pickle
+    torch.save(state, tmp_path / "w.ckpt")
+    assert not is_safetensors(tmp_path / "w.ckpt")
+    load_weights(target, tmp_path / "w.ckpt")

@@ -96,18 +96,29 @@ class SafeCheckpointer(Checkpointer):
         return super().recover_if_possible(*args, **kwargs)
 
 
+def is_safetensors(path) -> bool:
+    """Whether ``path`` is a safetensors file: an 8-byte little-endian header length, then a JSON
+    header that opens with ``{`` and fits in the file. (Its first byte can be anything, so a
+    test on torch's magic bytes alone mistakes some safetensors files for pickles.)"""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    length = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 8 + length <= size
+
+
 def load_weights(module: torch.nn.Module, path, strict: bool = True):
     """Load a state dict into ``module`` from a safetensors file or a PyTorch file (read with
     ``weights_only=True``; nothing in it is executed). ``strict=False`` is a warm start: only
     the entries whose name and shape ``module`` has are loaded (e.g. the TasNet encoder, mask
     network and decoder of a separation model into an extraction model); it fails when none fit.
     Returns the names loaded."""
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic == b"PK" or magic[:1] == b"\x80":  # torch.save's zip format, or a legacy pickle
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
+    if is_safetensors(path):
         state = load_safetensors(str(path), device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if strict:
         module.load_state_dict(state, strict=True)
         return sorted(state)
