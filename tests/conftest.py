@@ -13,6 +13,7 @@ if ROOT not in sys.path:
 
 SHARED_DATA = os.environ.get("SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
 LIBRISPEECH = os.path.join(SHARED_DATA, "LibriSpeech")
+SPEECHOCEAN = os.path.join(SHARED_DATA, "speechocean762")
 
 
 @pytest.fixture(scope="session")

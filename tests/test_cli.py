@@ -2,6 +2,7 @@
 unwritable or missing folders, the wrong kind of model folder, list files and wav.scp, chunking
 options; and the share of clipped samples that their clipping warning reports."""
 
+import importlib.util
 import os
 
 import numpy as np
@@ -317,3 +318,25 @@ def test_outputs_under_the_input_folder_are_not_read_as_inputs(model_folder, tmp
     assert run(model_folder, tmp_path, "--out", tmp_path / "separated", "--overwrite") == 0
     assert [os.path.basename(c["path"]) for c in calls] == ["x.wav", "x.wav"]
     assert sorted(os.listdir(tmp_path / "separated")) == [".model", "x_source1.wav", "x_source2.wav"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("resemblyzer") is None, reason="resemblyzer not installed")
+def test_extract_select_runs_separate_then_select_on_a_separation_folder(model_folder, tmp_path, capsys):
+    from modules.serving import extract
+    from modules.serving.select import SeparateThenSelect
+
+    sf.write(tmp_path / "mix.wav", tone(1.0, (150, 410)), SR)
+    sf.write(tmp_path / "enroll.wav", tone(1.0, (150,), seed=1), SR)
+    # without --select a separation folder is the wrong kind of model, and the error says so
+    assert extract.main(["--mix", str(tmp_path / "mix.wav"), "--enroll", str(tmp_path / "enroll.wav"),
+                         "--model", str(model_folder), "--out", str(tmp_path / "a")]) == 2
+    assert "python -m modules.serving.separate" in capsys.readouterr().err
+    assert extract.main(["--mix", str(tmp_path / "mix.wav"), "--enroll", str(tmp_path / "enroll.wav"),
+                         "--model", str(model_folder), "--out", str(tmp_path / "b"), "--select"]) == 0
+    got = read_audio(str(tmp_path / "b" / "mix_target.wav"))[0]
+    selector = SeparateThenSelect.from_separator(str(model_folder), savedir=str(tmp_path / "loaded"))
+    want = selector.extract_file(str(tmp_path / "mix.wav"), str(tmp_path / "enroll.wav"))
+    assert got.shape[-1] == want.shape[-1]
+    # the file is the same signal, written at the mixture's level and polarity
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten().float(), dim=0)
+    assert abs(float(cos)) > 0.999

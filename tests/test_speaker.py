@@ -10,13 +10,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import LIBRISPEECH, SHARED_DATA
+from conftest import LIBRISPEECH, SPEECHOCEAN
 from modules.data.audio import resample
 from modules.models import speaker as speaker_mod
 from modules.models.speaker import GE2EEncoder, partial_starts
 from modules.training.metrics import speaker_verdict_shares, speaker_verdicts
 
-SPEECHOCEAN = os.path.join(SHARED_DATA, "speechocean762")
 HAVE_WEIGHTS = importlib.util.find_spec("resemblyzer") is not None
 needs_weights = pytest.mark.skipif(
     not HAVE_WEIGHTS, reason=f"resemblyzer not installed (`{speaker_mod.INSTALL_HINT}`)")

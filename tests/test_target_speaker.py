@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 import yaml as pyyaml
 
-from conftest import ROOT, write_tone_corpus
+from conftest import ROOT, SPEECHOCEAN, write_tone_corpus
 from modules.data.corpora import Utterance
 from modules.data.enrolment import ENROLL_GAP, TSEData, draw_extraction_spec, enroll_gap
 from modules.data.report import report
@@ -208,12 +208,20 @@ def test_debug_run_of_every_yaml(yaml, tmp_path, corpus, tiny_wavlm_folder):
     summary = run_recipe(yaml, tmp_path / "out", *args)
     with open(tmp_path / "out" / "test_results.csv") as f:
         rows = list(csv.DictReader(f))
+    verdicts = ["spk_correct", "spk_ambiguous", "spk_confused"]
     assert rows and list(rows[0]) == ["snt_id", "enroll_mode", "si-sdr", "si-sdr_i",
-                                      "si-sdr_interferer", "confused"]
-    assert all(np.isfinite(float(r["si-sdr_i"])) and r["confused"] in ("0.0", "1.0") for r in rows)
+                                      "si-sdr_interferer", "confused", *verdicts,
+                                      "passthrough_si-sdr", "passthrough_confused",
+                                      *[f"passthrough_{v}" for v in verdicts]]
+    for r in rows:
+        assert np.isfinite(float(r["si-sdr_i"])) and r["confused"] in ("0.0", "1.0")
+        assert sum(float(r[v]) for v in verdicts) == 1.0
+        assert sum(float(r[f"passthrough_{v}"]) for v in verdicts) == 1.0
+        assert abs(float(r["passthrough_si-sdr"]) - (float(r["si-sdr"]) - float(r["si-sdr_i"]))) < 1e-4
     saved = json.loads((tmp_path / "out" / "test_summary.json").read_text())
     assert saved["n_mixtures"] == len(rows) == summary["n_mixtures"]
     assert 0.0 <= saved["target_confusion_rate"] <= 1.0 and "si-sdr_i" in saved
+    assert saved["speaker_confusion_rate"] == saved["spk_confused"]
     assert saved["enroll_modes"] == ["other-utterance"]
     example = tmp_path / "out" / "examples" / rows[0]["snt_id"]
     for name in ("mixture", "enrollment", "estimate", "target"):
@@ -357,3 +365,27 @@ def test_cli(exported, tmp_path):
     assert main(["--mix", str(folder), *args]) == 2  # m0_target.wav exists: refused, nothing run
     assert main(["--mix", str(folder), *args, "--overwrite"]) == 1  # broken reported, others done
     assert (tmp_path / "out" / "m1_target.wav").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir(SPEECHOCEAN), reason="speechocean762 not beside the repository")
+def test_speaker_verdicts_of_the_test_stage_on_real_speech():
+    """The test stage's verdict names the speaker of an estimate: the target's own signal is
+    `correct`, the interferer's `confused`, on two speechocean762 speakers."""
+    import types
+
+    import soundfile as sf
+
+    from modules.data.corpora import scan_corpus
+    brain = load_recipe().ExtractionBrain.__new__(load_recipe().ExtractionBrain)
+    brain.hparams = types.SimpleNamespace(sample_rate=16000, speaker_margin=0.05)
+    brain.device = "cpu"
+    by_speaker = {}
+    for u in scan_corpus(SPEECHOCEAN)[0]:
+        by_speaker.setdefault(u.speaker, u.path)
+    a, b = (torch.tensor(sf.read(p, dtype="float32")[0][:48000]) for p in list(by_speaker.values())[:2])
+    n = min(len(a), len(b))
+    a, b = a[:n], b[:n]
+    mix = a + b
+    assert brain.speaker_columns(mix, a, a, b)["spk_correct"] == 1.0
+    assert brain.speaker_columns(mix, b, a, b)["spk_confused"] == 1.0
+    assert "spk_correct" in brain.test_metrics

@@ -525,3 +525,26 @@ def test_frozen_or_fine_tuned_wavlm():
         tuned = make(freeze=False).train()
         tuned(mix, enroll).pow(2).mean().backward()
         assert tuned.wavlm.model.encoder.layers[-1].attention.q_proj.weight.grad is not None
+
+
+def test_ge2e_speaker_encoder_is_the_pretrained_frozen_d_vector():
+    from modules.models.speaker import GE2EEncoder
+    model = make_static(speaker_encoder="ge2e", sample_rate=SR).train()
+    assert model.mhfa is None and not model.ge2e.training
+    torch.manual_seed(4)
+    mix, enroll, other = torch.randn(2, 4000), torch.randn(2, 6000), torch.randn(2, 6000)
+    ref = GE2EEncoder(sample_rate=SR).eval()
+    with torch.no_grad():
+        assert (model.speaker_embedding(enroll) - ref(enroll)).abs().max() <= 1e-6
+    # the enrolment reaches the output, and a training step leaves the d-vector model as it was
+    before = {k: v.clone() for k, v in model.ge2e.state_dict().items()}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    out = model(mix, enroll)
+    assert (out - model(mix, other)).abs().max() > 1e-4
+    out.pow(2).mean().backward()
+    assert all(p.grad is None for p in model.ge2e.parameters())
+    assert model.fusion.transform.weight.grad.abs().sum() > 0
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in model.ge2e.state_dict().items())
+    with pytest.raises(ValueError, match="speaker_encoder"):
+        make_static(speaker_encoder="xvector")

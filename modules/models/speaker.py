@@ -64,6 +64,7 @@ GE2E_SAMPLE_RATE = 16000
 N_FFT = 400
 HOP = 160
 N_MELS = 40
+GE2E_DIM = 256
 PARTIAL_FRAMES = 160
 VOLUME_MODES = ("fixed", "increase", "none")
 #: window of the silence detector (``vad_window_length`` = 30 ms)
@@ -182,8 +183,8 @@ class GE2EEncoder(nn.Module):
         self.trim_silence_db = trim_silence_db
         self.rate, self.min_coverage = rate, min_coverage
         partial_starts(PARTIAL_FRAMES * HOP, rate, min_coverage)  # refuse a bad rate now
-        self.lstm = nn.LSTM(N_MELS, 256, num_layers=3, batch_first=True)
-        self.linear = nn.Linear(256, 256)
+        self.lstm = nn.LSTM(N_MELS, GE2E_DIM, num_layers=3, batch_first=True)
+        self.linear = nn.Linear(GE2E_DIM, GE2E_DIM)
         self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)
         fbank = AF.melscale_fbanks(N_FFT // 2 + 1, 0.0, GE2E_SAMPLE_RATE / 2, N_MELS,
                                    GE2E_SAMPLE_RATE, norm="slaney", mel_scale="slaney")

@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from modules.models.base import Decoder, Encoder, EncoderMaskerDecoder, GlobalLayerNorm
 from modules.models.convtasnet import TCN, TemporalBlock
 from modules.models.losses import si_snr
+from modules.models.speaker import GE2E_DIM, GE2EEncoder
 from modules.models.wavlm import WavLM, conv_output_lengths, mask_value, segment_attention_bias
 
 __all__ = [
@@ -79,6 +80,7 @@ __all__ = [
     "SpeakerTransform",
     "SpeakerFusion",
     "FUSION_MODES",
+    "SPEAKER_ENCODERS",
     "QKB_MODES",
     "align_frames",
     "receptive_field_samples",
@@ -100,6 +102,7 @@ __all__ = [
 
 FUSION_MODES = ("multiply", "add", "concat", "film")
 QKB_MODES = ("hard", "soft", "soft_log", "none")
+SPEAKER_ENCODERS = ("mhfa", "ge2e")
 
 
 # --------------------------------------------------------------------------------------------
@@ -693,16 +696,39 @@ class WavLMTasNet(_WavLMExtractor):
         :class:`LearnedUpsampling`, needs WavLM frames twice the encoder's stride).
     mask_act : str
         ``sigmoid`` (default, the design and the first version) or ``relu`` (the later version).
+    speaker_encoder : str
+        ``mhfa`` (default, the design): :class:`MHFA` over WavLM's states of the enrolment,
+        trained with the model; ``ge2e``: the pretrained GE2E d-vector encoder
+        (:class:`modules.models.speaker.GE2EEncoder`, 256 dims, frozen, its embedding of each
+        enrolment cached), which knows speakers before any training; ``speaker_dim`` is then 256.
+    sample_rate : int
+        Rate of the input; used by the GE2E encoder (which resamples to 16 kHz inside).
     """
 
     def __init__(self, wavlm: WavLM, encoder_dim=512, kernel_size=320, stride=160, bottleneck=256,
                  hidden=512, skip=256, mask_blocks=3, fusion="multiply", mhfa_compression=128,
                  mhfa_heads=8, speaker_dim=256, norm="gLN", speaker_transform=False, mix_blocks=1,
-                 mix_blocks_before_proj=False, upsample="interpolate", mask_act="sigmoid"):
+                 mix_blocks_before_proj=False, upsample="interpolate", mask_act="sigmoid",
+                 speaker_encoder="mhfa", sample_rate=16000):
         super().__init__(wavlm, encoder_dim, kernel_size, stride, bottleneck, hidden, skip,
                          mask_blocks, norm, mask_act, mix_blocks, mix_blocks_before_proj, upsample)
-        self.mhfa = MHFA(wavlm.num_layers + 1, wavlm.hidden_size, mhfa_compression, mhfa_heads, speaker_dim)
+        if speaker_encoder not in SPEAKER_ENCODERS:
+            raise ValueError(f"unknown speaker_encoder {speaker_encoder!r}; choose one of "
+                             f"{list(SPEAKER_ENCODERS)}")
+        self.speaker_encoder_kind = speaker_encoder
+        self.mhfa = self.ge2e = None
+        if speaker_encoder == "mhfa":
+            self.mhfa = MHFA(wavlm.num_layers + 1, wavlm.hidden_size, mhfa_compression, mhfa_heads, speaker_dim)
+        else:
+            self.ge2e = GE2EEncoder(sample_rate=sample_rate, freeze=True)
+            speaker_dim = GE2E_DIM
         self.fusion = SpeakerFusion(encoder_dim, speaker_dim, fusion, speaker_transform)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.ge2e is not None:  # frozen: always in inference mode
+            self.ge2e.eval()
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a checkpoint whose single WavLM-rate block is named `mix_block` loads as `mix_blocks.0`
@@ -712,7 +738,9 @@ class WavLMTasNet(_WavLMExtractor):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def speaker_embedding(self, enroll: torch.Tensor, enroll_lens=None) -> torch.Tensor:
-        """``enroll [batch, time]`` -> MHFA embedding ``[batch, speaker_dim]``."""
+        """``enroll [batch, time]`` -> speaker embedding ``[batch, speaker_dim]`` (MHFA or GE2E)."""
+        if self.ge2e is not None:
+            return self.ge2e(enroll, enroll_lens)
         hidden = self.wavlm(enroll, enroll_lens, segments=_real_sample_segments(enroll, enroll_lens))
         return self.mhfa(hidden, self.wavlm.frame_padding_mask(enroll, enroll_lens))
 

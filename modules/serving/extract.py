@@ -5,7 +5,9 @@ mixture of a folder / of a list file, all with the same enrolment).
         --model <folder or HF id> --out <dir>
 
 Writes ``<out>/<name>_target.wav`` per mixture (see ``--help`` for how names are made, and
-:class:`modules.serving.inference.TargetSpeakerExtractor`). A mixture that cannot be processed
+:class:`modules.serving.inference.TargetSpeakerExtractor`). With ``--select`` the model is a
+separation model: each mixture is separated and the source whose GE2E d-vector is closest to the
+enrolment's is written (:class:`modules.serving.select.SeparateThenSelect`; nothing trained). A mixture that cannot be processed
 is reported and skipped; exit status 1 if any failed, 2 if the command line cannot run.
 """
 
@@ -14,7 +16,8 @@ from __future__ import annotations
 import os
 import sys
 
-from modules.serving.inference import TargetSpeakerExtractor
+from modules.serving.inference import Separator, TargetSpeakerExtractor
+from modules.serving.select import SeparateThenSelect
 from modules.serving.separate import common_arguments, run
 
 
@@ -24,6 +27,9 @@ def main(argv=None):
     p.add_argument("--channel", type=int, default=None, help="use this channel of each file")
     p.add_argument("--resample_output", action="store_true",
                    help="write the estimate at the mixture's sample rate")
+    p.add_argument("--select", action="store_true",
+                   help="--model is a separation model: separate, then keep the source closest to "
+                        "the enrolment in GE2E d-vector space (needs resemblyzer's weights)")
     a = p.parse_args(argv)
     if not os.path.isfile(a.enroll):
         print(f"error: enrolment {a.enroll} is not a file", file=sys.stderr)
@@ -33,6 +39,8 @@ def main(argv=None):
         tse.extract_file(item.path, a.enroll, output_dir=item.output_dir(a.out), channel=a.channel,
                          resample_output=a.resample_output)
 
+    if a.select:
+        return run(a, Separator, [r"_target\.wav"], work, "extracting", wrap=SeparateThenSelect)
     return run(a, TargetSpeakerExtractor, [r"_target\.wav"], work, "extracting")
 
 

@@ -23,11 +23,14 @@ from modules.models.speaker import GE2EEncoder
 from modules.serving.inference import Separator, TargetSpeakerExtractor
 
 
-class SeparateThenSelect:
+class SeparateThenSelect(torch.nn.Module):
     """A :class:`Separator` and a :class:`GE2EEncoder` (built at the separator's rate when not
-    given) used as a target-speaker extractor."""
+    given) used as a target-speaker extractor. It is a module with the trained extractors'
+    ``forward(mix, enroll, mix_lens, enroll_lens)``, so the extraction recipe can test it on its
+    test sets (``recipes/target_speaker/hparams/separate_then_select.yaml``)."""
 
     def __init__(self, separator: Separator, encoder: GE2EEncoder | None = None):
+        super().__init__()
         self.separator = separator
         if encoder is None:
             encoder = GE2EEncoder(sample_rate=separator.sample_rate)
@@ -83,10 +86,8 @@ class SeparateThenSelect:
         (see :meth:`select_batch`)."""
         return self.select_batch(mix, enroll, mix_lens, enroll_lens)[0]
 
-    def forward(self, mix: torch.Tensor, enroll: torch.Tensor) -> torch.Tensor:
-        return self.extract_batch(mix, enroll)
-
-    __call__ = forward
+    def forward(self, mix: torch.Tensor, enroll: torch.Tensor, mix_lens=None, enroll_lens=None) -> torch.Tensor:
+        return self.extract_batch(mix, enroll, mix_lens, enroll_lens)
 
     # reading, resampling, error context and writing exactly as the trained extractors do; it
     # needs only read / extract_batch / sample_rate / output_stem of this class

@@ -271,13 +271,14 @@ def load_interface(expected, a, source: str):
     return iface
 
 
-def run(a, expected, outputs: list[str], work, verb: str) -> int:
+def run(a, expected, outputs: list[str], work, verb: str, wrap=None) -> int:
     """The command lines' body: check the model source, the inputs and their output names, that
     ``--out`` is writable and (without ``--overwrite``) that no output exists, then load the
     model and run ``work(interface, item)`` on every input (:func:`process_all`), the
     interface writing ``item.stem`` outputs in ``item.output_dir(out)``. ``outputs``
-    are the regular expressions of the output file suffixes. Returns the exit status: 2 for a
-    problem found before processing, else that of :func:`process_all`."""
+    are the regular expressions of the output file suffixes; ``wrap`` (optional) turns the
+    loaded interface into the one ``work`` takes. Returns the exit status: 2 for a problem found
+    before processing, else that of :func:`process_all`."""
     try:
         source = check_source(a.model)
         savedir = a.savedir or os.path.join(a.out, ".model")
@@ -293,6 +294,8 @@ def run(a, expected, outputs: list[str], work, verb: str) -> int:
                 raise CommandError(f"{existing[0]} already exists{more}; pass --overwrite to "
                                    "replace, or choose another --out")
         iface = load_interface(expected, a, source)
+        if wrap is not None:
+            iface = wrap(iface)
     except (CommandError, FileNotFoundError, UntrustedModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
