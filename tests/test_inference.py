@@ -98,3 +98,65 @@ def test_chunked_agrees_with_whole_file(hub):
         whole = model(x)
     for j in range(2):
         assert si_snr(chunked[0, :, j], whole[0, :, j]) > 20
+
+
+class MisleadingOracle(torch.nn.Module):
+    """Returns the true sources of chunk k (chunks called in order, ``hop`` apart) in a random
+    order, except on the first ``overlap`` samples of every chunk after the first, where the
+    channels are exchanged: matching chunks on their overlap picks the wrong order each time."""
+
+    def __init__(self, sources, hop, overlap):
+        super().__init__()
+        self.sources, self.hop, self.overlap, self.calls = sources, hop, overlap, 0
+        self.gen = torch.Generator().manual_seed(0)
+
+    def forward(self, mix):
+        start = self.calls * self.hop
+        seg = self.sources[:, start:start + mix.shape[1]].clone()
+        if self.calls:
+            seg[:, :self.overlap] = seg[:, :self.overlap].flip(-1)
+        self.calls += 1
+        return seg[:, :, torch.randperm(seg.shape[-1], generator=self.gen)]
+
+
+def test_global_speaker_tracking_keeps_real_speakers_where_the_overlap_misleads(hub):
+    """Two speechocean762 speakers, 48 s, 8-s chunks: the overlap alignment swaps the channels
+    chunk after chunk; the GE2E assignment over the whole file keeps every chunk's speaker."""
+    import glob
+    import importlib.util
+    import os
+
+    from conftest import SPEECHOCEAN
+    from modules.data.audio import resample
+
+    if not os.path.isdir(SPEECHOCEAN) or importlib.util.find_spec("resemblyzer") is None:
+        pytest.skip("needs speechocean762 beside the repository and resemblyzer's weights")
+    sr, seconds, chunk, overlap = 8000, 48, 8 * 8000, 2 * 8000
+    tracks = []
+    for speaker in ("0024", "0001"):
+        pieces = [resample(torch.from_numpy(sf.read(f, dtype="float32")[0]), 16000, sr)
+                  for f in sorted(glob.glob(os.path.join(SPEECHOCEAN, speaker, "*.flac")))]
+        x = torch.cat(pieces * 4)[: seconds * sr]
+        tracks.append(x / x.std())
+    sources = torch.stack(tracks, -1)[None]                                  # [1, time, 2]
+    sep, _, _ = hub
+    sep.chunk_seconds, sep.overlap_seconds = chunk / sr, overlap / sr
+    hop = chunk - overlap
+
+    def core_swaps(out):
+        """Chunks whose part outside the overlaps is in the other order than the first's."""
+        cores = [slice(s + overlap, s + hop) for s in range(0, seconds * sr - overlap, hop)]
+        order = [bool(si_snr(out[0, c, 0], sources[0, c, 0]) < si_snr(out[0, c, 0], sources[0, c, 1]))
+                 for c in cores if c.stop <= seconds * sr]
+        return sum(o != order[0] for o in order), len(order)
+
+    results = {}
+    for tracking in ("overlap", "global"):
+        sep.mods["model"] = MisleadingOracle(sources, hop, overlap)
+        sep.speaker_tracking = tracking
+        results[tracking] = core_swaps(sep.separate_batch(sources.sum(-1)))
+    assert results["overlap"][0] >= 2            # the chain of overlap decisions goes wrong
+    assert results["global"] == (0, results["overlap"][1])
+    sep.speaker_tracking = "nearest"
+    with pytest.raises(ValueError, match="speaker_tracking"):
+        sep.separate_batch(sources.sum(-1))

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import logging
 import os
 import re
 
 import pretty_midi
 import torch
+from torch import nn
 from huggingface_hub import file_exists
 from speechbrain.inference.interfaces import Pretrained
 from speechbrain.utils.fetching import fetch
@@ -37,6 +39,7 @@ from modules.data.audio import (AudioError, check_finite, clipped_fraction, matc
                     wav_truncation, write_audio)
 from modules.models.clustering import cluster_units
 from modules.models.losses import best_permutation, pairwise_si_snr, reorder
+from modules.models.speaker import GE2EEncoder
 from modules.models.timbre import plot_example, roll_to_notes
 from modules.models.tse import receptive_field_samples
 from modules.training.brain import load_weights
@@ -47,7 +50,7 @@ logger = logging.getLogger(__name__)
 #: settings every interface reads from its hyperparams (defaults here), ``overrides=`` and the
 #: instance; an exported ``hyperparams.yaml`` writes them out
 INFERENCE_SETTINGS = {"chunk_seconds": 10.0, "overlap_seconds": 2.0, "precision": "fp32",
-                      "reuse_freed_memory": False}
+                      "reuse_freed_memory": False, "speaker_tracking": "global"}
 #: packages whose objects a model folder's yaml may build without ``trust_code=True``
 TRUSTED_PACKAGES = ("modules", "speechbrain", "torch", "torchaudio")
 _YAML_TARGET = re.compile(r"!(new|name|apply|module|include):\s*([^\s]+)")
@@ -113,35 +116,110 @@ def check_source(source) -> str:
     return source
 
 
-def chunked_separation(model, mix: torch.Tensor, chunk: int, overlap: int) -> torch.Tensor:
+SPEAKER_TRACKING = ("global", "overlap")
+
+
+def chunked_separation(model, mix: torch.Tensor, chunk: int, overlap: int, embed=None,
+                       margin: float = 0.1, iterations: int = 10) -> torch.Tensor:
     """Separate ``mix [batch, time]`` chunk by chunk. Returns ``[batch, time, n_src]``.
 
-    Chunks of ``chunk`` samples start every ``chunk - overlap`` samples. Chunk k's sources are
-    permuted to best match chunk k-1 on their ``overlap`` common samples, then the two are
-    cross-faded there. Memory for the model is bounded by the chunk, not the input length.
+    Chunks of ``chunk`` samples start every ``chunk - overlap`` samples, and neighbours are
+    cross-faded on their ``overlap`` common samples. Which source of a chunk continues which
+    output (:func:`assign_chunks`): without ``embed``, each chunk's sources are permuted to
+    match the previous chunk on the overlap (a wrong decision carries on to the end); with
+    ``embed`` (``signals [n, time] -> speaker embeddings [n, D]``, e.g. a GE2E encoder), every
+    chunk is assigned to the file's speakers at once: the speakers start as the sources of the
+    chunk whose sources differ the most, each chunk takes the order whose embeddings are closest
+    in cosine to them, the speakers become the mean of what was assigned to them, and so on
+    until nothing changes (at most ``iterations`` rounds). Where two orders score within
+    ``margin`` of the speakers' own distance (1 - their cosine), the overlap decides. Memory for
+    the model is bounded by the chunk.
     """
     if not 0 <= overlap < chunk:
         raise ValueError(f"need 0 <= overlap ({overlap}) < chunk ({chunk})")
     b, t = mix.shape
     hop = chunk - overlap
-    out, prev_tail = None, None
+    starts, chunks = [], []
     for start in range(0, max(t - overlap, 1), hop):
         end = min(start + chunk, t)
-        est = model(mix[:, start:end]).float()  # float32 even under a bf16 autocast
-        if out is None:
-            out = est.new_zeros(b, t, est.shape[-1])
+        starts.append(start)
+        chunks.append(model(mix[:, start:end]).float())  # float32 even under a bf16 autocast
+        if end == t:
+            break
+    perms = assign_chunks(chunks, overlap, embed, margin, iterations)
+    out = chunks[0].new_zeros(b, t, chunks[0].shape[-1])
+    prev_tail = None
+    for start, est, perm in zip(starts, chunks, perms):
+        est = reorder(est, perm)
+        end = start + est.shape[1]
         ov = min(overlap, end - start) if prev_tail is not None else 0
         if ov:
-            perm = best_permutation(pairwise_si_snr(est[:, :ov], prev_tail[:, :ov]))
-            est = reorder(est, perm)
-            ramp = torch.linspace(0, 1, ov + 2, device=est.device, dtype=est.dtype)[1:-1]
-            ramp = ramp.view(1, ov, 1)
+            ramp = torch.linspace(0, 1, ov + 2, device=est.device, dtype=est.dtype)[1:-1].view(1, ov, 1)
             out[:, start:start + ov] = prev_tail[:, :ov] * (1 - ramp) + est[:, :ov] * ramp
         out[:, start + ov:end] = est[:, ov:]
         prev_tail = est[:, -overlap:] if overlap else None
-        if end == t:
-            break
     return out
+
+
+def assign_chunks(chunks: list, overlap: int, embed=None, margin: float = 0.1,
+                  iterations: int = 10) -> list:
+    """The permutation of each chunk's sources (``chunks``: ``[batch, time_k, n_src]``, each
+    starting ``overlap`` samples before the previous one ends) onto the outputs: a list of
+    ``[batch, n_src]`` for :func:`~modules.models.losses.reorder`. See
+    :func:`chunked_separation`."""
+    b, n_src = chunks[0].shape[0], chunks[0].shape[-1]
+    # relative[k][i]: the permutation taking chunk k onto the orientation of chunk k-1 (raw)
+    relative = [None]
+    for prev, est in zip(chunks, chunks[1:]):
+        ov = min(overlap, est.shape[1])  # prev's last `overlap` samples are est's first
+        tail = prev[:, prev.shape[1] - overlap:prev.shape[1] - overlap + ov]
+        relative.append(best_permutation(pairwise_si_snr(est[:, :ov], tail)) if ov
+                        else torch.arange(n_src, device=est.device).expand(b, -1))
+    identity = torch.arange(n_src, device=chunks[0].device).expand(b, -1)
+    if len(chunks) == 1:
+        return [identity]
+
+    def follow(prev_perm, rel):  # chunk k's permutation that continues chunk k-1's
+        return torch.gather(rel, 1, prev_perm)
+
+    perms = [identity]
+    for rel in relative[1:]:
+        perms.append(follow(perms[-1], rel))
+    if embed is None or n_src < 2:
+        return perms
+    # speaker embeddings of every source of every chunk: [chunks, batch, n_src, D]
+    emb = torch.stack([nn.functional.normalize(
+        embed(est.transpose(1, 2).reshape(b * n_src, -1)).view(b, n_src, -1).float(), dim=-1)
+        for est in chunks])
+    options = torch.tensor(list(itertools.permutations(range(n_src))), device=emb.device)  # [P, n_src]
+    # the speakers start as the sources of the chunk whose sources differ the most
+    sim = torch.einsum("kbsd,kbtd->kbst", emb, emb) - 2 * torch.eye(n_src, device=emb.device)
+    anchor = sim.amax((-1, -2)).argmin(0)                          # [batch]
+    centre = emb[anchor, torch.arange(b, device=emb.device)]       # [batch, n_src, D]
+    for _ in range(iterations):
+        changed = False
+        new = []
+        # how far apart the speakers are: 1 - the largest cosine between two of them
+        between = torch.einsum("bsd,btd->bst", centre, centre) - 2 * torch.eye(n_src, device=emb.device)
+        spread = (1 - between.amax((-1, -2))).clamp_min(1e-6)    # [batch]
+        for k in range(len(chunks)):
+            # score[b, p] = mean_j cos(emb[k, b, options[p, j]], centre[b, j])
+            cos = torch.einsum("bsd,bjd->bsj", emb[k], centre)      # [batch, source, output]
+            score = cos[:, options, torch.arange(n_src, device=emb.device)].mean(-1)  # [batch, P]
+            top = score.topk(2, dim=-1)
+            choice = options[top.indices[:, 0]]
+            if k:  # ambiguous chunks continue the previous one through the overlap
+                sure = (top.values[:, 0] - top.values[:, 1]) >= margin * spread
+                choice = torch.where(sure[:, None], choice, follow(new[-1], relative[k]))
+            changed |= not torch.equal(choice, perms[k])
+            new.append(choice)
+        perms = new
+        ordered = torch.stack([torch.gather(emb[k], 1, perms[k][..., None].expand(-1, -1, emb.shape[-1]))
+                               for k in range(len(chunks))])       # [chunks, batch, n_src, D]
+        centre = nn.functional.normalize(ordered.sum(0), dim=-1)   # [batch, n_src, D]
+        if not changed:
+            break
+    return perms
 
 
 def interface_class(hparams_path: str, trust_code: bool = False):
@@ -214,7 +292,7 @@ class AudioInterface(Pretrained):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)  # sets self.precision: run_opts, else hparams, else fp32
-        for key in ("chunk_seconds", "overlap_seconds", "reuse_freed_memory"):
+        for key in ("chunk_seconds", "overlap_seconds", "reuse_freed_memory", "speaker_tracking"):
             default = INFERENCE_SETTINGS[key]
             setattr(self, key, type(default)(getattr(self.hparams, key, default)))
 
@@ -310,7 +388,29 @@ class Separator(AudioInterface):
         with self.model_context(mix.device):
             if mix.shape[-1] <= chunk:
                 return self.mods.model(mix).float()
-            return chunked_separation(self.mods.model, mix, chunk, overlap)  # float32 already
+            embed = self.speaker_embedder()
+            return chunked_separation(self.mods.model, mix, chunk, overlap, embed)  # float32 already
+
+    def speaker_embedder(self):
+        """What assigns chunk outputs to speakers on long input (``speaker_tracking``): a GE2E
+        encoder at ``sample_rate`` (built once) for ``global``, None for ``overlap``, or when the
+        GE2E weights are not installed (with a warning)."""
+        if self.speaker_tracking not in SPEAKER_TRACKING:
+            raise ValueError(f"speaker_tracking must be one of {SPEAKER_TRACKING}, got "
+                             f"{self.speaker_tracking!r}")
+        if self.speaker_tracking == "overlap":
+            return None
+        if getattr(self, "_ge2e", None) is None:
+            try:
+                self._ge2e = GE2EEncoder(sample_rate=self.sample_rate).to(self.device).eval()
+            except FileNotFoundError as err:
+                logger.warning("speaker_tracking='global' falls back to 'overlap': %s", err)
+                self.speaker_tracking = "overlap"
+                return None
+        def embed(signals):
+            with torch.autocast(torch.device(self.device).type, enabled=False):
+                return self._ge2e(signals.float(), cache=False)
+        return embed
 
     def separate_file(self, path, output_dir=None, channel=None, resample_output=False,
                       savedir=None):

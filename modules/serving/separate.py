@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from modules.data.audio import AudioError
 from modules.data.corpora import AUDIO_EXTENSIONS
-from modules.serving.inference import (Separator, TargetSpeakerExtractor, TimbreTranscriber,
+from modules.serving.inference import (SPEAKER_TRACKING, Separator, TargetSpeakerExtractor, TimbreTranscriber,
                                        UntrustedModelError, check_source, check_trusted,
                                        interface_class)
 
@@ -225,6 +225,11 @@ def common_arguments(doc: str, output_example: str, input_option: str | None = N
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="bf16: faster on CPUs with AVX512-BF16/AMX (default: the model folder's "
                         "`precision`, else fp32)")
+    p.add_argument("--speaker_tracking", choices=SPEAKER_TRACKING, default=None,
+                   help="long input: which source of a chunk continues which output. global: by "
+                        "GE2E speaker embeddings over the whole file (needs resemblyzer's weights); "
+                        "overlap: by matching each chunk to the previous one (default: the model "
+                        "folder's, else global)")
     return p
 
 
@@ -261,8 +266,8 @@ def load_interface(expected, a, source: str):
     cls = model_interface(a.model, hparams, expected, a.trust_code)
     iface = cls.from_hparams(source=source, savedir=savedir, run_opts={"device": a.device},
                              trust_code=a.trust_code)
-    for key in ("chunk_seconds", "overlap_seconds", "precision"):
-        if getattr(a, key) is not None:
+    for key in ("chunk_seconds", "overlap_seconds", "precision", "speaker_tracking"):
+        if getattr(a, key, None) is not None:
             setattr(iface, key, getattr(a, key))
     try:
         iface.chunking()
