@@ -2,17 +2,21 @@
 """Long-file check and cost of separating long audio through the ``Separator`` interface.
 
     python bench/long_file.py --model <model folder> [--data ../shared/data/LibriSpeech]
-                              [--minutes 10] [--paper_config] [--file_rate 16000]
+                              [--speakers a,b | weakest] [--minutes 10] [--window 30]
+                              [--paper_config] [--file_rate 16000]
 
 1. **Speaker swaps on real speech.** Two tracks of continuous real speech: the utterances of two
-   speakers (``--speakers a,b``), or else of the held-out speaker groups of the recipe's split
-   (track A: the test speakers, track B: the validation speakers). Each is played in a new order
-   until it is long enough, every utterance at the same RMS; they are mixed at 0 dB and written
-   as one WAV file. ``separate_file``
-   separates it (chunks of ``chunk_seconds`` with ``overlap_seconds``, sources aligned between
-   chunks). The output channel assigned to each track on the whole file is kept fixed, and the
-   SI-SNRi of that channel is printed minute by minute; every 10-s window whose best assignment
-   differs from the file's is counted as a swap.
+   speakers (``--speakers a,b``; ``--speakers weakest``: of the pair of test speakers, among
+   ``--pairs`` drawn at random, that the model separates worst on a 20-s probe), or else of the
+   held-out speaker groups of the recipe's split (track A: the test speakers, track B: the
+   validation speakers). Each is played in a new order until it is long enough, every utterance
+   at the same RMS; they are mixed at 0 dB and written as one WAV file. ``separate_file``
+   separates it in chunks (``chunk_seconds`` with ``overlap_seconds``) once per
+   ``speaker_tracking`` (``overlap``: each chunk matched to the previous one; ``global``: GE2E
+   embeddings over the whole file). The output channel assigned to each track on the whole file
+   is kept fixed, and the SI-SNRi of that channel is printed minute by minute; every
+   ``--window``-s window (default 30) whose best assignment differs from the file's is counted
+   as a swap.
 2. **Time and peak memory** of ``separate_file`` on that file with the trained model and, with
    ``--paper_config``, with Conv-TasNet's paper configuration (random weights: cost does not
    depend on them), each in a fresh process; the paper configuration is also run without
@@ -57,7 +61,7 @@ def paper_folder(folder, extra=""):
     return folder
 
 
-def build_tracks(data, sr, seconds, speakers=None, speaker_pattern=None, seed=1234):
+def build_tracks(data, sr, seconds, speakers=None, speaker_pattern=None, seed=1234, quiet=False):
     """Two tracks of ``seconds`` of continuous speech: the utterances of ``speakers`` (two
     names), or else of the held-out (test / valid) speaker groups of the recipe's split."""
     utts, _ = scan_corpus(data, speaker_pattern)
@@ -83,17 +87,43 @@ def build_tracks(data, sr, seconds, speakers=None, speaker_pattern=None, seed=12
                 pieces.append(signals[i])
                 total += len(signals[i])
         tracks.append(torch.cat(pieces)[: int(seconds * sr)])
-        print(f"track {'AB'[len(tracks) - 1]}: {name}, {len(group)} utterances, "
-              f"{sum(u.seconds for u in group) / 60:.1f} min of distinct speech, looped to "
-              f"{seconds / 60:.1f} min")
+        if not quiet:
+            print(f"track {'AB'[len(tracks) - 1]}: {name}, {len(group)} utterances, "
+                  f"{sum(u.seconds for u in group) / 60:.1f} min of distinct speech, looped to "
+                  f"{seconds / 60:.1f} min")
     return torch.stack(tracks, 1)  # [time, 2]
 
 
-def measure(model_folder, wav, savedir):
+def weakest_pair(model_folder, data, sr, pairs, speaker_pattern, work, probe_seconds=20, seed=0):
+    """Of ``pairs`` random pairs of test speakers, the one the model separates worst (lowest
+    SI-SNRi on ``probe_seconds`` of their speech mixed at 0 dB)."""
+    from modules.models.losses import pit_si_snr
+    from modules.serving.inference import Separator
+
+    utts, _ = scan_corpus(data, speaker_pattern)
+    test = sorted(split_speakers([u.speaker for u in utts], 0.1, 0.1, 1234, min_per_split=2)["test"])
+    rng = np.random.default_rng(seed)
+    candidates = {tuple(sorted(rng.choice(test, 2, replace=False))) for _ in range(pairs)}
+    sep = Separator.from_hparams(source=model_folder, savedir=os.path.join(work, "probe"))
+    scores = {}
+    for pair in sorted(candidates):
+        ref = build_tracks(data, sr, probe_seconds, list(pair), speaker_pattern, quiet=True)
+        mix = ref.sum(1)
+        est = sep.separate_batch(mix[None])
+        base = float(torch.stack([si_snr(mix, ref[:, j]) for j in range(2)]).mean())
+        scores[pair] = float(pit_si_snr(est, ref[None])[0][0]) - base
+    pair = min(scores, key=scores.get)
+    print(f"weakest of {len(scores)} test-speaker pairs: {pair[0]} + {pair[1]} "
+          f"({scores[pair]:.2f} dB SI-SNRi on {probe_seconds} s; best pair {max(scores.values()):.2f} dB)")
+    return list(pair)
+
+
+def measure(model_folder, wav, savedir, tracking="global"):
     """Separate ``wav`` in this process; print a JSON line with time, memory and the outputs."""
     from modules.serving.inference import Separator
 
-    sep = Separator.from_hparams(source=model_folder, savedir=savedir)
+    sep = Separator.from_hparams(source=model_folder, savedir=savedir,
+                                 overrides={"speaker_tracking": tracking})
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     before = peak_rss_mb()
     t0 = time.perf_counter()
@@ -105,8 +135,8 @@ def measure(model_folder, wav, savedir):
                       "rss_before_mb": before, "est": out}))
 
 
-def run_measure(model_folder, wav, savedir):
-    cmd = [sys.executable, __file__, "--_measure", model_folder, wav, savedir]
+def run_measure(model_folder, wav, savedir, tracking="global"):
+    cmd = [sys.executable, __file__, "--_measure", model_folder, wav, savedir, tracking]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
@@ -139,12 +169,14 @@ def main(argv=None):
                         "held-out speaker groups of the recipe's split)")
     p.add_argument("--speaker_pattern", default=None, help="regex, first group = speaker")
     p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--window", type=float, default=30.0, help="seconds per window of the swap count")
+    p.add_argument("--pairs", type=int, default=20, help="candidate pairs of --speakers weakest")
     p.add_argument("--file_rate", type=int, default=None,
                    help="write the mixture file at this rate (default: the model's); "
                         "separate_file resamples it to the model's rate")
     p.add_argument("--paper_config", action="store_true",
                    help="also time Conv-TasNet's paper configuration (random weights)")
-    p.add_argument("--_measure", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--_measure", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a._measure:
         measure(*a._measure)
@@ -156,28 +188,37 @@ def main(argv=None):
         "\n".join(l for l in open(os.path.join(a.model, "hyperparams.yaml")) if l.startswith("sample_rate:"))
     )["sample_rate"])
     seconds = a.minutes * 60
-    ref = build_tracks(a.data, sr, seconds, a.speakers.split(",") if a.speakers else None,
-                       a.speaker_pattern)
+    speakers = a.speakers.split(",") if a.speakers and a.speakers != "weakest" else None
+    if a.speakers == "weakest":
+        speakers = weakest_pair(a.model, a.data, sr, a.pairs, a.speaker_pattern, work)
+    ref = build_tracks(a.data, sr, seconds, speakers, a.speaker_pattern)
     mix = ref.sum(1)
     wav = os.path.join(work, "mixture.wav")
     file_rate = a.file_rate or sr
     sf.write(wav, resample(mix.unsqueeze(0), sr, file_rate)[0].numpy(), file_rate, subtype="FLOAT")
     print(f"mixture: {wav} ({seconds / 60:.1f} min at {file_rate} Hz; model at {sr} Hz)\n")
 
-    r = run_measure(os.path.abspath(a.model), wav, os.path.join(work, "model"))
-    est = torch.load(r["est"], weights_only=True)
-    perm, minutes = per_window(est, ref, mix, sr, 60 * sr)
-    _, windows = per_window(est, ref, mix, sr, 10 * sr)
-    print(f"trained model {a.model}: output channel of track A = {perm[0] + 1}, "
-          f"of track B = {perm[1] + 1} (whole file)")
-    print("minute  SI-SNRi track A (dB)  SI-SNRi track B (dB)  best assignment = file's")
-    for start, gains, swapped in minutes:
-        print(f"{start / 60:6.0f}  {gains[0]:20.2f}  {gains[1]:20.2f}  {'NO (swap)' if swapped else 'yes'}")
-    swaps = sum(s for _, _, s in windows)
-    print(f"10-s windows whose best assignment differs from the file's: {swaps} of {len(windows)}")
-    print(f"min per-minute SI-SNRi: {min(min(g) for _, g, _ in minutes):.2f} dB; "
-          f"mean over the file: {np.mean([g for _, g, _ in minutes]):.2f} dB\n")
-
+    results = {}
+    for tracking in ("overlap", "global"):
+        r = run_measure(os.path.abspath(a.model), wav, os.path.join(work, "model"), tracking)
+        est = torch.load(r["est"], weights_only=True)
+        perm, minutes = per_window(est, ref, mix, sr, 60 * sr)
+        _, windows = per_window(est, ref, mix, sr, int(a.window * sr))
+        swaps = sum(s for _, _, s in windows)
+        results[tracking] = (r, swaps, len(windows), minutes)
+        print(f"speaker_tracking={tracking}: output channel of track A = {perm[0] + 1}, of track B = "
+              f"{perm[1] + 1} (whole file)")
+        print("minute  SI-SNRi track A (dB)  SI-SNRi track B (dB)  best assignment = file's")
+        for start, gains, swapped in minutes:
+            print(f"{start / 60:6.0f}  {gains[0]:20.2f}  {gains[1]:20.2f}  {'NO (swap)' if swapped else 'yes'}")
+        print(f"{a.window:g}-s windows whose best assignment differs from the file's: {swaps} of "
+              f"{len(windows)}; mean SI-SNRi over the file: {np.mean([g for _, g, _ in minutes]):.2f} dB\n")
+    print(f"{'speaker_tracking':18s} {'swapped windows':>16s} {'mean SI-SNRi (dB)':>18s} {'time (s)':>9s}")
+    for tracking, (r, swaps, n, minutes) in results.items():
+        print(f"{tracking:18s} {f'{swaps} of {n}':>16s} {np.mean([g for _, g, _ in minutes]):18.2f} "
+              f"{r['seconds']:9.1f}")
+    print()
+    r = results["global"][0]
     rows = [("trained model", a.minutes, "chunked", r)]
     if a.paper_config:
         paper = paper_folder(os.path.join(work, "paper"))

@@ -150,9 +150,13 @@ def print_summary(hparams, s):
         "synthetic speech-like corpus (NOT real speech)"
     print("\n" + "=" * 78)
     print(f"{hparams['experiment_name']}: test set, {s['n_mixtures']} mixtures of {data}")
-    print(f"  trained {s['epochs']} epochs in {s['train_minutes']:.1f} min (best by valid "
-          f"{hparams['valid_metric']}: epoch {s['best_epoch']}); {s['params_M']:.2f} M params "
-          f"({s['trained_params_M']:.2f} M trained); enrolment: {', '.join(s['enroll_modes'])}")
+    if s["epochs"]:
+        trained = (f"trained {s['epochs']} epochs in {s['train_minutes']:.1f} min (best by valid "
+                   f"{hparams['valid_metric']}: epoch {s['best_epoch']})")
+    else:
+        trained = f"not trained here (weights: {hparams.get('init_from') or 'as built'})"
+    print(f"  {trained}; {s['params_M']:.2f} M params ({s['trained_params_M']:.2f} M trainable); "
+          f"enrolment: {', '.join(s['enroll_modes'])}")
     print(f"  SI-SDR  {s['si-sdr']:6.2f} dB   SI-SDRi {s['si-sdr_i']:6.2f} dB (± {s['si-sdr_i_std']:.2f})")
     print(f"  SI-SDR confusion  {100 * s['target_confusion_rate']:5.1f} % (outputs closer to the "
           f"interferer than to the target); mixture passed through: {100 * s['passthrough_confused']:.1f} %")
