@@ -6,8 +6,9 @@
                               [--paper_config] [--file_rate 16000]
 
 1. **Speaker swaps on real speech.** Two tracks of continuous real speech: the utterances of two
-   speakers (``--speakers a,b``; ``--speakers weakest``: of the pair of test speakers, among
-   ``--pairs`` drawn at random, that the model separates worst on a 20-s probe), or else of the
+   speakers (``--speakers a,b``; ``--speakers weakest``: one file for each of the ``--files``
+   pairs of test speakers, among ``--pairs`` drawn at random, that the model separates worst on
+   a 20-s probe while still gaining at least ``--min_gain`` (1 dB)), or else of the
    held-out speaker groups of the recipe's split (track A: the test speakers, track B: the
    validation speakers). Each is played in a new order until it is long enough, every utterance
    at the same RMS; they are mixed at 0 dB and written as one WAV file. ``separate_file``
@@ -44,7 +45,7 @@ sys.path.insert(0, ROOT)
 
 from modules.data.audio import read_audio, resample  # noqa: E402
 from modules.data.corpora import scan_corpus, split_speakers  # noqa: E402
-from modules.models.losses import si_snr  # noqa: E402
+from modules.models.losses import best_permutation, si_snr  # noqa: E402
 
 PAPER_YAML = os.path.join(ROOT, "hparams", "convtasnet.yaml")
 
@@ -94,9 +95,11 @@ def build_tracks(data, sr, seconds, speakers=None, speaker_pattern=None, seed=12
     return torch.stack(tracks, 1)  # [time, 2]
 
 
-def weakest_pair(model_folder, data, sr, pairs, speaker_pattern, work, probe_seconds=20, seed=0):
-    """Of ``pairs`` random pairs of test speakers, the one the model separates worst (lowest
-    SI-SNRi on ``probe_seconds`` of their speech mixed at 0 dB)."""
+def weakest_pairs(model_folder, data, sr, pairs, speaker_pattern, work, n=1, probe_seconds=20,
+                  seed=0, min_gain=1.0):
+    """Of ``pairs`` random pairs of test speakers, the ``n`` the model separates worst (lowest
+    SI-SNRi on ``probe_seconds`` of their speech mixed at 0 dB) among those it separates at all
+    (at least ``min_gain`` dB: on a pair it does not separate, no assignment is right)."""
     from modules.models.losses import pit_si_snr
     from modules.serving.inference import Separator
 
@@ -112,10 +115,16 @@ def weakest_pair(model_folder, data, sr, pairs, speaker_pattern, work, probe_sec
         est = sep.separate_batch(mix[None])
         base = float(torch.stack([si_snr(mix, ref[:, j]) for j in range(2)]).mean())
         scores[pair] = float(pit_si_snr(est, ref[None])[0][0]) - base
-    pair = min(scores, key=scores.get)
-    print(f"weakest of {len(scores)} test-speaker pairs: {pair[0]} + {pair[1]} "
-          f"({scores[pair]:.2f} dB SI-SNRi on {probe_seconds} s; best pair {max(scores.values()):.2f} dB)")
-    return list(pair)
+    separated = sorted((v, k) for k, v in scores.items() if v >= min_gain)
+    if not separated:
+        raise SystemExit(f"the model separates none of the {len(scores)} pairs by {min_gain} dB "
+                         f"(best {max(scores.values()):.2f} dB): no swap count would mean anything")
+    print(f"SI-SNRi of {len(scores)} test-speaker pairs on {probe_seconds} s: "
+          + ", ".join(f"{v:.1f}" for v in sorted(scores.values())))
+    chosen = separated[:n]
+    print(f"the {len(chosen)} weakest pairs the model separates (>= {min_gain} dB): "
+          + ", ".join(f"{a}+{b} ({v:.2f} dB)" for v, (a, b) in chosen))
+    return [list(pair) for _, pair in chosen]
 
 
 def measure(model_folder, wav, savedir, tracking="global"):
@@ -148,7 +157,8 @@ def per_window(est, ref, mix, sr, window):
     n_src = ref.shape[1]
     pair = torch.stack([torch.stack([si_snr(est[:, i], ref[:, j]) for j in range(n_src)])
                         for i in range(n_src)])  # [est, ref]
-    perm = [int(pair[:, j].argmax()) for j in range(n_src)]  # output channel of each track
+    # output channel of each track: the best one-to-one assignment on the whole file
+    perm = [int(i) for i in best_permutation(pair[None])[0]]
     rows = []
     for start in range(0, ref.shape[0] - window // 2, window):
         seg = slice(start, min(start + window, ref.shape[0]))
@@ -171,6 +181,9 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--window", type=float, default=30.0, help="seconds per window of the swap count")
     p.add_argument("--pairs", type=int, default=20, help="candidate pairs of --speakers weakest")
+    p.add_argument("--files", type=int, default=5, help="long files (weakest pairs) of --speakers weakest")
+    p.add_argument("--min_gain", type=float, default=1.0,
+                   help="--speakers weakest: only pairs the model separates by this much (dB)")
     p.add_argument("--file_rate", type=int, default=None,
                    help="write the mixture file at this rate (default: the model's); "
                         "separate_file resamples it to the model's rate")
@@ -188,37 +201,45 @@ def main(argv=None):
         "\n".join(l for l in open(os.path.join(a.model, "hyperparams.yaml")) if l.startswith("sample_rate:"))
     )["sample_rate"])
     seconds = a.minutes * 60
-    speakers = a.speakers.split(",") if a.speakers and a.speakers != "weakest" else None
     if a.speakers == "weakest":
-        speakers = weakest_pair(a.model, a.data, sr, a.pairs, a.speaker_pattern, work)
-    ref = build_tracks(a.data, sr, seconds, speakers, a.speaker_pattern)
-    mix = ref.sum(1)
-    wav = os.path.join(work, "mixture.wav")
-    file_rate = a.file_rate or sr
-    sf.write(wav, resample(mix.unsqueeze(0), sr, file_rate)[0].numpy(), file_rate, subtype="FLOAT")
-    print(f"mixture: {wav} ({seconds / 60:.1f} min at {file_rate} Hz; model at {sr} Hz)\n")
-
-    results = {}
+        pairs = weakest_pairs(a.model, a.data, sr, a.pairs, a.speaker_pattern, work, a.files,
+                              min_gain=a.min_gain)
+    else:
+        pairs = [a.speakers.split(",") if a.speakers else None]
+    table = []
+    for k, speakers in enumerate(pairs):
+        ref = build_tracks(a.data, sr, seconds, speakers, a.speaker_pattern)
+        mix = ref.sum(1)
+        wav = os.path.join(work, f"mixture{k}.wav")
+        file_rate = a.file_rate or sr
+        sf.write(wav, resample(mix.unsqueeze(0), sr, file_rate)[0].numpy(), file_rate, subtype="FLOAT")
+        print(f"mixture: {wav} ({seconds / 60:.1f} min at {file_rate} Hz; model at {sr} Hz)\n")
+        for tracking in ("overlap", "global"):
+            r = run_measure(os.path.abspath(a.model), wav, os.path.join(work, "model"), tracking)
+            est = torch.load(r["est"], weights_only=True)
+            perm, minutes = per_window(est, ref, mix, sr, 60 * sr)
+            _, windows = per_window(est, ref, mix, sr, int(a.window * sr))
+            swaps = sum(s for _, _, s in windows)
+            mean = float(np.mean([g for _, g, _ in minutes]))
+            table.append(("+".join(speakers) if speakers else "held-out groups", tracking, swaps,
+                          len(windows), mean, r))
+            print(f"speaker_tracking={tracking}: output channel of track A = {perm[0] + 1}, of track "
+                  f"B = {perm[1] + 1} (whole file)")
+            print("minute  SI-SNRi track A (dB)  SI-SNRi track B (dB)  best assignment = file's")
+            for start, gains, swapped in minutes:
+                print(f"{start / 60:6.0f}  {gains[0]:20.2f}  {gains[1]:20.2f}  "
+                      f"{'NO (swap)' if swapped else 'yes'}")
+            print(f"{a.window:g}-s windows whose best assignment differs from the file's: {swaps} of "
+                  f"{len(windows)}; mean SI-SNRi over the file: {mean:.2f} dB\n")
+    print(f"{'speakers':18s} {'speaker_tracking':>16s} {'swapped windows':>16s} "
+          f"{'mean SI-SNRi (dB)':>18s} {'time (s)':>9s}")
+    for name, tracking, swaps, n, mean, r in table:
+        print(f"{name:18s} {tracking:>16s} {f'{swaps} of {n}':>16s} {mean:18.2f} {r['seconds']:9.1f}")
     for tracking in ("overlap", "global"):
-        r = run_measure(os.path.abspath(a.model), wav, os.path.join(work, "model"), tracking)
-        est = torch.load(r["est"], weights_only=True)
-        perm, minutes = per_window(est, ref, mix, sr, 60 * sr)
-        _, windows = per_window(est, ref, mix, sr, int(a.window * sr))
-        swaps = sum(s for _, _, s in windows)
-        results[tracking] = (r, swaps, len(windows), minutes)
-        print(f"speaker_tracking={tracking}: output channel of track A = {perm[0] + 1}, of track B = "
-              f"{perm[1] + 1} (whole file)")
-        print("minute  SI-SNRi track A (dB)  SI-SNRi track B (dB)  best assignment = file's")
-        for start, gains, swapped in minutes:
-            print(f"{start / 60:6.0f}  {gains[0]:20.2f}  {gains[1]:20.2f}  {'NO (swap)' if swapped else 'yes'}")
-        print(f"{a.window:g}-s windows whose best assignment differs from the file's: {swaps} of "
-              f"{len(windows)}; mean SI-SNRi over the file: {np.mean([g for _, g, _ in minutes]):.2f} dB\n")
-    print(f"{'speaker_tracking':18s} {'swapped windows':>16s} {'mean SI-SNRi (dB)':>18s} {'time (s)':>9s}")
-    for tracking, (r, swaps, n, minutes) in results.items():
-        print(f"{tracking:18s} {f'{swaps} of {n}':>16s} {np.mean([g for _, g, _ in minutes]):18.2f} "
-              f"{r['seconds']:9.1f}")
+        rows = [t for t in table if t[1] == tracking]
+        print(f"{'all files':18s} {tracking:>16s} {f'{sum(t[2] for t in rows)} of {sum(t[3] for t in rows)}':>16s}")
     print()
-    r = results["global"][0]
+    r = table[-1][-1]
     rows = [("trained model", a.minutes, "chunked", r)]
     if a.paper_config:
         paper = paper_folder(os.path.join(work, "paper"))
