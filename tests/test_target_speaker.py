@@ -14,8 +14,9 @@ import soundfile as sf
 import torch
 import yaml as pyyaml
 
-from conftest import ROOT, SPEECHOCEAN, write_tone_corpus
+from conftest import ROOT, SPEECHOCEAN, inference_yaml, write_tone_corpus
 from modules.data.corpora import Utterance
+from modules.models.convtasnet import ConvTasNet
 from modules.data.enrolment import ENROLL_GAP, TSEData, draw_extraction_spec, enroll_gap
 from modules.data.report import report
 from modules.models.wavlm import WavLM, tiny_wavlm_config
@@ -199,7 +200,14 @@ def run_recipe(yaml, out, *args):
 def test_debug_run_of_every_yaml(yaml, tmp_path, corpus, tiny_wavlm_folder):
     args = ["--debug", "--debug_batches=1", "--debug_epochs=1", f"--data_folder={corpus}",
             f"--cache_folder={tmp_path / 'cache'}", *SMALL_DATA]
-    if "tiny" not in yaml:
+    if "separate_then_select" in yaml:  # a tiny random separator folder stands for a trained one
+        folder = tmp_path / "separator"
+        folder.mkdir()
+        torch.manual_seed(0)
+        torch.save(ConvTasNet(N=16, L=16, B=16, H=32, Sc=16, X=2, R=1).state_dict(), folder / "model.ckpt")
+        (folder / "hyperparams.yaml").write_text(inference_yaml())
+        args += [f"--separator={folder}"]
+    elif "tiny" not in yaml:
         # the WavLM-base yamls on a tiny local HF folder (a random base-size WavLM would make
         # this test take minutes on a CPU): same code path, `wavlm_source: <folder>`
         args += [f"--wavlm_source={tiny_wavlm_folder}", *SMALL_MODEL]
