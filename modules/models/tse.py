@@ -715,7 +715,6 @@ class WavLMTasNet(_WavLMExtractor):
         if speaker_encoder not in SPEAKER_ENCODERS:
             raise ValueError(f"unknown speaker_encoder {speaker_encoder!r}; choose one of "
                              f"{list(SPEAKER_ENCODERS)}")
-        self.speaker_encoder_kind = speaker_encoder
         self.mhfa = self.ge2e = None
         if speaker_encoder == "mhfa":
             self.mhfa = MHFA(wavlm.num_layers + 1, wavlm.hidden_size, mhfa_compression, mhfa_heads, speaker_dim)

@@ -7,8 +7,8 @@ mixture of a folder / of a list file, all with the same enrolment).
 Writes ``<out>/<name>_target.wav`` per mixture (see ``--help`` for how names are made, and
 :class:`modules.serving.inference.TargetSpeakerExtractor`). With ``--select`` the model is a
 separation model: each mixture is separated and the source whose GE2E d-vector is closest to the
-enrolment's is written (:class:`modules.serving.select.SeparateThenSelect`; nothing trained). A mixture that cannot be processed
-is reported and skipped; exit status 1 if any failed, 2 if the command line cannot run.
+enrolment's is written (:class:`modules.serving.select.SeparateThenSelect`; nothing trained).
+A mixture that cannot be processed is reported and skipped; exit status 1 if any failed, 2 if the command line cannot run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 
 from modules.serving.inference import Separator, TargetSpeakerExtractor
 from modules.serving.select import SeparateThenSelect
-from modules.serving.separate import common_arguments, run
+from modules.serving.separate import common_arguments, run, speaker_tracking_argument
 
 
 def main(argv=None):
@@ -30,6 +30,7 @@ def main(argv=None):
     p.add_argument("--select", action="store_true",
                    help="--model is a separation model: separate, then keep the source closest to "
                         "the enrolment in GE2E d-vector space (needs resemblyzer's weights)")
+    speaker_tracking_argument(p)  # the separator of --select
     a = p.parse_args(argv)
     if not os.path.isfile(a.enroll):
         print(f"error: enrolment {a.enroll} is not a file", file=sys.stderr)

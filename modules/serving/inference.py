@@ -214,8 +214,8 @@ def assign_chunks(chunks: list, overlap: int, embed=None, margin: float = 0.1,
             changed |= not torch.equal(choice, perms[k])
             new.append(choice)
         perms = new
-        ordered = torch.stack([torch.gather(emb[k], 1, perms[k][..., None].expand(-1, -1, emb.shape[-1]))
-                               for k in range(len(chunks))])       # [chunks, batch, n_src, D]
+        index = torch.stack(perms)[..., None].expand(-1, -1, -1, emb.shape[-1])
+        ordered = torch.gather(emb, 2, index)                      # [chunks, batch, n_src, D]
         centre = nn.functional.normalize(ordered.sum(0), dim=-1)   # [batch, n_src, D]
         if not changed:
             break

@@ -225,12 +225,16 @@ def common_arguments(doc: str, output_example: str, input_option: str | None = N
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="bf16: faster on CPUs with AVX512-BF16/AMX (default: the model folder's "
                         "`precision`, else fp32)")
+    return p
+
+
+def speaker_tracking_argument(p):
+    """``--speaker_tracking``, for the command lines that run a separation model."""
     p.add_argument("--speaker_tracking", choices=SPEAKER_TRACKING, default=None,
                    help="long input: which source of a chunk continues which output. global: by "
                         "GE2E speaker embeddings over the whole file (needs resemblyzer's weights); "
                         "overlap: by matching each chunk to the previous one (default: the model "
                         "folder's, else global)")
-    return p
 
 
 def model_interface(source: str, hparams: str, expected, trust_code: bool):
@@ -335,6 +339,7 @@ def main(argv=None):
     p.add_argument("--channel", type=int, default=None, help="separate this channel only")
     p.add_argument("--resample_output", action="store_true",
                    help="write the sources at the input's sample rate")
+    speaker_tracking_argument(p)
     a = p.parse_args(argv)
 
     def work(sep, item):
