@@ -413,6 +413,7 @@ OPTIONS = {
     "design": {},
     "reference_later": dict(mix_blocks=4, upsample="learned", mask_act="relu"),
     "blocks_before_proj": dict(mix_blocks=2, mix_blocks_before_proj=True),
+    "encoder_features": dict(encoder_features=True),
 }
 
 
@@ -436,6 +437,33 @@ def test_ragged_batch_output_equals_each_item_alone(front, options):
 
 
 # ------------------------------------------- options for the reference's details
+
+
+def test_encoder_features_add_the_normalised_mixture_encoding_before_the_fusion():
+    """With ``encoder_features`` the mask head's input is the design's plus the speaker-fused,
+    gLN-normalised TasNet encoding of the mixture (over each sample's valid frames); without
+    it the mask head sees the mixture only through WavLM."""
+    mix, enroll, mix_lens, enroll_lens, mix_n, _ = ragged_batch()
+    plain, with_enc = make_static(), make_static(encoder_features=True)
+    assert plain.encoder_norm is None and with_enc.encoder_norm is not None
+    missing, unexpected = with_enc.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("encoder_norm.") for k in missing) and missing
+    inputs = {}
+    for name, model in (("plain", plain), ("with_enc", with_enc)):
+        model.masker.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
+        with torch.no_grad():
+            model(mix, enroll, mix_lens, enroll_lens)
+    with torch.no_grad():
+        w = plain.encode(mix * (torch.arange(mix.shape[-1]) < torch.tensor(mix_n)[:, None]))
+        scale = plain.fusion.transform(plain.speaker_embedding(enroll, enroll_lens))[..., None]
+    added = (inputs["with_enc"] - inputs["plain"]) / scale  # multiply fusion: the encoding's share
+    frames = plain.encoder_frames(torch.tensor(mix_n), mix.shape[-1])
+    for b in range(2):
+        valid, own = added[b, :, : frames[b]], w[b, :, : frames[b]]
+        assert abs(float(valid.mean())) < 1e-4 and abs(float(valid.var(unbiased=False)) - 1) < 1e-3
+        expected = (own - own.mean()) / own.std(unbiased=False)
+        assert torch.allclose(valid, expected, atol=1e-3)
+        assert (added[b, :, frames[b]:].abs() < 1e-6).all()  # nothing from past the sample's end
 
 
 def test_speaker_transform_is_three_linear_layers_with_a_tanh():

@@ -568,7 +568,7 @@ class _WavLMExtractor(EncoderMaskerDecoder):
 
     def __init__(self, wavlm: WavLM, encoder_dim=512, kernel_size=320, stride=160, bottleneck=256,
                  hidden=512, skip=256, mask_blocks=3, norm="gLN", mask_act="sigmoid", mix_blocks=0,
-                 mix_blocks_before_proj=False, upsample="interpolate"):
+                 mix_blocks_before_proj=False, upsample="interpolate", encoder_features=False):
         if mask_act not in MASK_ACTIVATIONS:
             raise ValueError(f"unknown mask_act {mask_act!r}; choose one of {list(MASK_ACTIVATIONS)}")
         if upsample not in UPSAMPLING:
@@ -597,6 +597,8 @@ class _WavLMExtractor(EncoderMaskerDecoder):
                                  f"{wavlm.frame_stride} samples apart and encoder frames {stride}; use "
                                  f"upsample='interpolate' or an encoder stride of {wavlm.frame_stride / 2:g}")
             self.upsampler = LearnedUpsampling(encoder_dim)
+        # the mixture's TasNet encoding, normalised, added to the WavLM-rate features
+        self.encoder_norm = MaskedGlobalLayerNorm(encoder_dim) if encoder_features else None
         use_masked_norms(self.masker)
         use_masked_norms(self.mix_blocks)
 
@@ -636,7 +638,17 @@ class _WavLMExtractor(EncoderMaskerDecoder):
         pad = enc.padding_for(length)
         return conv_output_lengths(mix_samples + pad, [enc.kernel_size], [enc.stride])
 
-    def condition(self, mix, enroll, mix_lens, enroll_lens, out_frames):
+    def with_encoding(self, x: torch.Tensor, w: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """``x`` plus the gLN-normalised TasNet encoding ``w`` (both ``[batch, encoder_dim,
+        frames]``; statistics over the ``frame_mask`` frames) with ``encoder_features``; else ``x``."""
+        if self.encoder_norm is None:
+            return x
+        with valid_frames(self.encoder_norm, frame_mask):
+            return x + self.encoder_norm(w)
+
+    def condition(self, mix, enroll, mix_lens, enroll_lens, w, frame_mask):
+        """Mask-head input ``[batch, encoder_dim, frames]`` from the waveforms, the mixture's
+        encoding ``w`` and its valid encoder frames ``frame_mask [batch, frames]``."""
         raise NotImplementedError
 
     def forward(self, mix: torch.Tensor, enroll: torch.Tensor, mix_lens=None, enroll_lens=None):
@@ -654,8 +666,9 @@ class _WavLMExtractor(EncoderMaskerDecoder):
         if mix_lens is not None:  # the encoder sees zeros past a mixture's end, as alone
             mix = mix * _frame_mask(mix_samples, mix.shape[-1]).to(mix.dtype)
         w = self.encode(mix)
-        features = self.condition(mix, enroll, mix_lens, enroll_lens, w.shape[-1])
-        with valid_frames(self.masker, _frame_mask(self.encoder_frames(mix_samples, mix.shape[-1]), w.shape[-1])):
+        frame_mask = _frame_mask(self.encoder_frames(mix_samples, mix.shape[-1]), w.shape[-1])
+        features = self.condition(mix, enroll, mix_lens, enroll_lens, w, frame_mask)
+        with valid_frames(self.masker, frame_mask):
             masks = self.masker(features)  # [batch, 1, encoder_dim, frames]
         return self.decode(self.apply_masks(w, masks), mix.shape[-1])[..., 0]
 
@@ -703,15 +716,21 @@ class WavLMTasNet(_WavLMExtractor):
         enrolment cached), which knows speakers before any training; ``speaker_dim`` is then 256.
     sample_rate : int
         Rate of the input; used by the GE2E encoder (which resamples to 16 kHz inside).
+    encoder_features : bool
+        False (default, the design and the reference): the mask head sees the mixture only
+        through WavLM; True: the gLN-normalised TasNet encoding of the mixture is added to the
+        WavLM-rate features before the fusion, so the mask head also sees the mixture at the
+        encoder's resolution, as Conv-TasNet's and SpeakerBeam's mask networks do.
     """
 
     def __init__(self, wavlm: WavLM, encoder_dim=512, kernel_size=320, stride=160, bottleneck=256,
                  hidden=512, skip=256, mask_blocks=3, fusion="multiply", mhfa_compression=128,
                  mhfa_heads=8, speaker_dim=256, norm="gLN", speaker_transform=False, mix_blocks=1,
                  mix_blocks_before_proj=False, upsample="interpolate", mask_act="sigmoid",
-                 speaker_encoder="mhfa", sample_rate=16000):
+                 speaker_encoder="mhfa", sample_rate=16000, encoder_features=False):
         super().__init__(wavlm, encoder_dim, kernel_size, stride, bottleneck, hidden, skip,
-                         mask_blocks, norm, mask_act, mix_blocks, mix_blocks_before_proj, upsample)
+                         mask_blocks, norm, mask_act, mix_blocks, mix_blocks_before_proj, upsample,
+                         encoder_features)
         if speaker_encoder not in SPEAKER_ENCODERS:
             raise ValueError(f"unknown speaker_encoder {speaker_encoder!r}; choose one of "
                              f"{list(SPEAKER_ENCODERS)}")
@@ -743,11 +762,11 @@ class WavLMTasNet(_WavLMExtractor):
         hidden = self.wavlm(enroll, enroll_lens, segments=_real_sample_segments(enroll, enroll_lens))
         return self.mhfa(hidden, self.wavlm.frame_padding_mask(enroll, enroll_lens))
 
-    def condition(self, mix, enroll, mix_lens, enroll_lens, out_frames):
+    def condition(self, mix, enroll, mix_lens, enroll_lens, w, frame_mask):
         # [layers + 1, batch, frames, dim]; statistics over each mixture's own samples
         hidden = self.wavlm(mix, mix_lens, segments=_real_sample_segments(mix, mix_lens))
         frames = self.wavlm.num_frames(_sample_lengths(mix, mix_lens))
-        x = self.mix_features(hidden, frames, out_frames)
+        x = self.with_encoding(self.mix_features(hidden, frames, w.shape[-1]), w, frame_mask)
         return self.fusion(x, self.speaker_embedding(enroll, enroll_lens))
 
 
@@ -781,6 +800,8 @@ class WavLMDynamicTasNet(_WavLMExtractor):
         Rate of the waveforms (16000 for the released WavLM).
     encoder_dim, kernel_size, stride, bottleneck, hidden, skip, mask_blocks, norm, mask_act, upsample
         As :class:`WavLMTasNet`.
+    encoder_features : bool
+        As :class:`WavLMTasNet` (added to the mask head's input; no fusion here).
     mix_blocks, mix_blocks_before_proj
         As :class:`WavLMTasNet`, but 0 blocks by default (the design and the reference's
         first version: the projection goes straight to the mask head); the later version
@@ -791,9 +812,10 @@ class WavLMDynamicTasNet(_WavLMExtractor):
                  qkb_fallback_fraction=0.1, soft_scale=5.0, silence_seconds=1.0, sample_rate=16000,
                  encoder_dim=512, kernel_size=320, stride=160, bottleneck=256, hidden=512, skip=256,
                  mask_blocks=3, norm="gLN", mask_act="sigmoid", mix_blocks=0, mix_blocks_before_proj=False,
-                 upsample="interpolate"):
+                 upsample="interpolate", encoder_features=False):
         super().__init__(wavlm, encoder_dim, kernel_size, stride, bottleneck, hidden, skip,
-                         mask_blocks, norm, mask_act, mix_blocks, mix_blocks_before_proj, upsample)
+                         mask_blocks, norm, mask_act, mix_blocks, mix_blocks_before_proj, upsample,
+                         encoder_features)
         if not 0 <= num_hybrid_layers <= wavlm.num_layers:
             raise ValueError(f"num_hybrid_layers={num_hybrid_layers} must be in 0 .. {wavlm.num_layers} "
                              "(the WavLM's layers)")
@@ -911,9 +933,10 @@ class WavLMDynamicTasNet(_WavLMExtractor):
         return {"hidden": states + rest, "padding_mask": mix_mask, "speaker": speaker,
                 "scores": scores, "position_bias": position_bias, "layout": layout}
 
-    def condition(self, mix, enroll, mix_lens, enroll_lens, out_frames):
+    def condition(self, mix, enroll, mix_lens, enroll_lens, w, frame_mask):
         out = self.mix_hidden_states(mix, enroll, mix_lens, enroll_lens)
-        return self.mix_features(out["hidden"], out["layout"].mix_frames, out_frames)
+        return self.with_encoding(self.mix_features(out["hidden"], out["layout"].mix_frames, w.shape[-1]),
+                                  w, frame_mask)
 
     def forward(self, mix: torch.Tensor, enroll: torch.Tensor | None = None, mix_lens=None,
                 enroll_lens=None, enroll_samples=None):
