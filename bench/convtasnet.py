@@ -89,32 +89,9 @@ def build(system: str, cfg: dict):
     if system == "ours":
         from modules.models.convtasnet import ConvTasNet
         return ConvTasNet(**cfg, n_src=N_SRC)
-    if system == "speechbrain":
-        from speechbrain.lobes.models.conv_tasnet import MaskNet
-        from speechbrain.lobes.models.dual_path import Decoder, Encoder
-
-        class SpeechBrainConvTasNet(nn.Module):
-            """Encoder -> MaskNet -> Decoder per source, as SpeechBrain's separation recipe."""
-
-            def __init__(self):
-                super().__init__()
-                self.encoder = Encoder(kernel_size=cfg["L"], out_channels=cfg["N"])
-                self.masknet = MaskNet(cfg["N"], cfg["B"], cfg["H"], cfg["P"], cfg["X"], cfg["R"],
-                                       N_SRC, norm_type="gLN", causal=False, mask_nonlinear="relu")
-                self.decoder = Decoder(in_channels=cfg["N"], out_channels=1,
-                                       kernel_size=cfg["L"], stride=cfg["L"] // 2, bias=False)
-
-            def forward(self, mix):
-                w = self.encoder(mix)                       # [batch, N, frames]
-                masks = self.masknet(w)                     # [n_src, batch, N, frames]
-                h = torch.stack([w] * N_SRC) * masks
-                est = torch.cat([self.decoder(h[i]).unsqueeze(-1) for i in range(N_SRC)], -1)
-                t = mix.shape[-1]
-                if est.shape[1] < t:
-                    est = torch.nn.functional.pad(est, (0, 0, 0, t - est.shape[1]))
-                return est[:, :t]
-
-        return SpeechBrainConvTasNet()
+    if system == "speechbrain":  # wired as SpeechBrain's recipe (bench/peer_convtasnet.py)
+        from bench.peer_convtasnet import SpeechBrainLobes
+        return SpeechBrainLobes(**{k: cfg[k] for k in "NLBHPXR"}, n_src=N_SRC)
     if system == "asteroid":
         from asteroid.models import ConvTasNet as AsteroidConvTasNet
 

@@ -217,3 +217,19 @@ def test_compact_memory_key_and_override(tmp_path, caplog):
     env = compact_memory_env()
     assert all(f"{k}={v}" in caplog.text for k, v in env.items()) or all(
         os.environ.get(k) == v for k, v in env.items())
+
+
+def test_peer_run_trains_speechbrain_s_lobes_under_our_recipe(tmp_path, cache):
+    """bench/peer_convtasnet.py is the separation recipe with SpeechBrain's Conv-TasNet lobes as
+    its model: same data, loss and test; the run's saved yaml and log name the peer's model."""
+    out = tmp_path / "peer"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "peer_convtasnet.py"), f"--output_folder={out}",
+           "--noprogressbar", "--debug", f"--cache_folder={cache}", *SMALL_DATA, *TINY_MODEL]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "model: SpeechBrainLobes" in log and "SI-SNRi" in log
+    saved = (out / "hyperparams.yaml").read_text()
+    assert "!new:bench.peer_convtasnet.SpeechBrainLobes" in saved and "convtasnet.TCN" not in saved
+    summary = json.loads((out / "test_summary.json").read_text())
+    assert summary["n_mixtures"] == 2 and np.isfinite(summary["si-snr_i"])
