@@ -159,20 +159,60 @@ def test_learning_rate_halves_on_the_optimizer_and_survives_a_resume(tmp_path):
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(rates[-1])
 
 
-def test_export_skips_a_checkpoint_whose_writing_was_interrupted(tmp_path, cache):
+# Runs a recipe in this process with torch.save patched: the model file of the checkpoint
+# numbered DIE_AT is written in part, then the process kills itself with SIGKILL, as an
+# out-of-memory kill or a pre-empted job would, in the middle of writing that checkpoint.
+DYING_RUN = """
+import os, runpy, signal, sys, torch
+real_save, saved = torch.save, [0]
+def dying_save(obj, f, *args, **kwargs):
+    if str(f).endswith("model.ckpt"):
+        saved[0] += 1
+        if saved[0] == int(os.environ["DIE_AT"]):
+            with open(f, "wb") as half:
+                half.write(b"PK\\x03\\x04 the first bytes of a zip")
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = dying_save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def logged_epochs(out):
+    with open(out / "train_log.txt") as f:
+        return [line.split(",")[0].split(":")[1].strip() for line in f if line.startswith("epoch:")]
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_and_exports_the_complete_one(tmp_path, cache):
     out = tmp_path / "run"
-    args = [*SMALL_DATA, f"--cache_folder={cache}", *TINY_MODEL]
-    train("separation", "convtasnet-small.yaml", out, *args)
-    good = best_checkpoint(str(out / "save"))
-    # a later checkpoint with a better score, killed while its files were being written
-    broken = out / "save" / "CKPT+2099-01-01+00-00-00+00"
-    broken.mkdir()
-    (broken / SafeCheckpointer.MARKER).touch()
-    (broken / "CKPT.yaml").write_text("si-snr: 99.0\nunixtime: 4.0e9\nend-of-epoch: true\n")
-    (broken / "model.ckpt").write_bytes(b"PK\x03\x04 half a file")
-    assert best_checkpoint(str(out / "save")) == good
-    hub = export(str(out), str(tmp_path / "hub"))  # loads back with the complete weights
-    assert os.path.exists(os.path.join(hub, "model.safetensors"))
+    cmd = [sys.executable, "-c", DYING_RUN, os.path.join(SEP, "train.py"),
+           os.path.join(SEP, "hparams", "convtasnet-small.yaml"), f"--output_folder={out}",
+           "--noprogressbar", "--number_of_epochs=3", *SMALL_DATA, f"--cache_folder={cache}",
+           *TINY_MODEL]
+    killed = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "DIE_AT": "2"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    folders = sorted((out / "save").glob("CKPT+*"))
+    assert len(folders) == 2  # epoch 1 complete, epoch 2 cut off while its model was written
+    complete, cut = folders
+    assert (cut / SafeCheckpointer.MARKER).exists() and not (complete / SafeCheckpointer.MARKER).exists()
+    assert best_checkpoint(str(out / "save")) == str(complete)
+    hub = export(str(out), str(tmp_path / "hub-after-kill"))  # the complete epoch-1 weights
+    exported = Separator.from_hparams(source=hub, savedir=str(tmp_path / "loaded")).mods.model
+    epoch1 = torch.load(complete / "model.ckpt", weights_only=True)
+    assert all(torch.equal(v, epoch1[k]) for k, v in exported.state_dict().items())
+
+    logged_before = logged_epochs(out)
+    resumed = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "DIE_AT": "0"})  # the same command, not killed
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not cut.exists()  # the interrupted checkpoint was removed, not loaded
+    # the rerun went on after epoch 1 (the last complete checkpoint), not from the start
+    assert logged_epochs(out)[len(logged_before):] == ["2", "3"]
+    best = best_checkpoint(str(out / "save"))
+    assert not os.path.exists(os.path.join(best, SafeCheckpointer.MARKER))
+    export(str(out), str(tmp_path / "hub-after-resume"))
 
 
 def test_time_budget_holds_with_validation_included():
