@@ -15,6 +15,7 @@ is passed to the recipe (``--max_train_minutes``, ``--data_folder``, ``--output_
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -81,8 +82,6 @@ def peer_yaml() -> str:
 
 
 def main(argv=None):
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("separation_train", os.path.join(ROOT, "recipes", "separation", "train.py"))
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
