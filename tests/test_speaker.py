@@ -195,6 +195,21 @@ def test_frozen_cache_and_gradient_to_input(monkeypatch):
     assert len(trainable._cache) == 0
 
 
+def test_a_bf16_autocast_leaves_the_d_vectors_and_their_cache_as_in_float32():
+    """A model trained or run under ``torch.autocast(bfloat16)`` calls the frozen encoder inside
+    it; the 8-kHz input's resampling would then run in bf16, and the cache key could not hash it."""
+    if not HAVE_WEIGHTS:
+        pytest.skip(f"resemblyzer not installed (`{speaker_mod.INSTALL_HINT}`)")
+    enc = GE2EEncoder(sample_rate=8000, cache_size=4)
+    x = torch.randn(2, 8000) * 0.1
+    ref = GE2EEncoder(sample_rate=8000, cache_size=0)(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = enc(x)
+        again = enc(x.clone())                                       # same samples: from the cache
+    assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-6)
+    assert torch.equal(again, out) and len(enc._cache) == 2
+
+
 def test_missing_weights_name_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setattr(speaker_mod.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps resemblyzer==0.1.4"):

@@ -254,7 +254,12 @@ class GE2EEncoder(nn.Module):
         """``wav [batch, time]`` (or ``[time]``) at ``sample_rate``, relative ``lengths``
         optional -> ``[batch, 256]``. ``keys`` (one hashable per row) name the enrolments for
         the cache; without them a row is known by a hash of its samples. ``cache=False`` for
-        signals that will not come again (e.g. estimates)."""
+        signals that will not come again (e.g. estimates). Runs in float32 also inside a bf16
+        autocast: the pretrained embeddings stay the ones the package computes."""
+        with torch.autocast(wav.device.type, enabled=False):
+            return self._embed(wav, lengths, keys, cache)
+
+    def _embed(self, wav, lengths, keys, cache):
         if wav.dim() == 1:
             wav = wav[None]
         if wav.dim() != 2 or wav.shape[-1] == 0:
