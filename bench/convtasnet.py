@@ -148,7 +148,14 @@ def child(spec: dict) -> dict:
     """The rows of one config and one step at one thread count, the systems interleaved."""
     import torch
 
+    from modules.training.memory import reuse_freed_memory
+
     torch.set_num_threads(spec["threads"])
+    with reuse_freed_memory(spec["allocator"] == "reuse"):
+        return _timed_rows(spec)
+
+
+def _timed_rows(spec: dict) -> dict:
     rows, notes, models = [], [], {}
     for system in spec["systems"]:
         try:
@@ -174,21 +181,24 @@ def child(spec: dict) -> dict:
     return {"rows": rows, "notes": notes}
 
 
-def profile(cfg_name: str, threads: int):
+def profile(cfg_name: str, threads: int, allocator: str):
     """torch.profiler tables of our inference call and train step (fp32)."""
     import torch
     from torch.profiler import ProfilerActivity, profile as tprofile
 
+    from modules.training.memory import reuse_freed_memory
+
     torch.set_num_threads(threads)
     model = build("ours", CONFIGS[cfg_name])
-    for mode in ("infer", "train"):
-        call = make_call(model, mode, "fp32")
-        call()
-        call()
-        with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+    with reuse_freed_memory(allocator == "reuse"):
+        for mode in ("infer", "train"):
+            call = make_call(model, mode, "fp32")
             call()
-        print(f"--- ours, {cfg_name}, {mode}, {threads} thread(s)")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+            call()
+            with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+                call()
+            print(f"--- ours, {cfg_name}, {mode}, {threads} thread(s), allocator {allocator}")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 def main():
@@ -200,23 +210,27 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--profile", choices=list(CONFIGS))
+    ap.add_argument("--allocator", choices=["reuse", "glibc"], default="reuse",
+                    help="reuse: every system inside modules.training.memory.reuse_freed_memory, as "
+                         "our recipes train; glibc: the C allocator's defaults")
     args = parse_args_or_run_child(ap, sys.argv[1:], child)
     if args is None:
         return
     if args.profile:
-        profile(args.profile, args.threads[0])
+        profile(args.profile, args.threads[0], args.allocator)
         return
     print(cpu_description())
     print(f"Timed calls interleaved across systems ({', '.join(SYSTEMS)}, repeated) after "
           f"{args.warmup} warm-up call(s) each, so load from other processes on this machine "
           f"hits all systems alike; median of {args.repeats}. train: batch {TRAIN_BATCH} x "
           f"{SECONDS:g} s @ {RATE} Hz, forward + PIT SI-SNR + backward + Adam; infer: 1 x "
-          f"{SECONDS:g} s, no_grad. Seconds; ratio ours/peer < 1 means ours is faster.")
+          f"{SECONDS:g} s, no_grad. Allocator: {args.allocator} (all systems). Seconds; ratio "
+          f"ours/peer < 1 means ours is faster.")
     results, notes = [], set()
     for threads in args.threads:
         for cfg_name in args.configs:
             for mode in args.modes:
-                spec = dict(threads=threads, config=cfg_name, mode=mode, dtypes=args.dtypes,
+                spec = dict(threads=threads, config=cfg_name, mode=mode, dtypes=args.dtypes, allocator=args.allocator,
                             systems=list(SYSTEMS), warmup=args.warmup, repeats=args.repeats)
                 out = run_child(__file__, spec, env={"OMP_NUM_THREADS": str(threads)})
                 if "error" in out:

@@ -112,3 +112,29 @@ def test_compact_memory_prefers_tcmalloc_and_keeps_other_preloads(monkeypatch):
     assert memory.compact_memory_env() == {"LD_PRELOAD": f"{tcmalloc}:/opt/libother.so"}
     monkeypatch.setenv("LD_PRELOAD", f"/opt/libother.so:{tcmalloc}")  # already there: as it is
     assert memory.compact_memory_env() == {"LD_PRELOAD": f"/opt/libother.so:{tcmalloc}"}
+
+
+def test_a_recipe_trains_reusing_freed_memory_unless_compact_memory(tmp_path, cache, monkeypatch):
+    """Every training step of a recipe runs inside reuse_freed_memory (Conv-TasNet-small's step
+    is faster with it, docs/BENCHMARKS.md); after the run the process's settings are back."""
+    import importlib.util
+    import os
+
+    recipe = os.path.join(ROOT, "recipes", "separation")
+    spec = importlib.util.spec_from_file_location("sep_train_mem", os.path.join(recipe, "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    depths = []
+    fit_batch = train.SeparationBrain.fit_batch
+    monkeypatch.setattr(train.SeparationBrain, "fit_batch",
+                        lambda self, batch: depths.append(memory._state["depth"]) or fit_batch(self, batch))
+    args = ["--debug", "--noprogressbar", f"--cache_folder={cache}", "--train_mixtures_per_epoch=4",
+            "--n_valid=1", "--n_test=1", "--segment_seconds=0.5", "--eval_max_seconds=1",
+            "--n_audio_examples=0", "--N=8", "--L=16", "--B=8", "--H=8", "--Sc=8", "--X=1", "--R=1"]
+    yaml = os.path.join(recipe, "hparams", "convtasnet-small.yaml")
+    train.run([yaml, f"--output_folder={tmp_path / 'a'}", *args])
+    assert depths and all(d == 1 for d in depths)
+    assert memory._state["depth"] == 0
+    depths.clear()
+    train.run([yaml, f"--output_folder={tmp_path / 'b'}", *args, "--train_reuse_freed_memory=False"])
+    assert depths and all(d == 0 for d in depths)
