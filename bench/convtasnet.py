@@ -230,8 +230,9 @@ def main():
     for threads in args.threads:
         for cfg_name in args.configs:
             for mode in args.modes:
-                spec = dict(threads=threads, config=cfg_name, mode=mode, dtypes=args.dtypes, allocator=args.allocator,
-                            systems=list(SYSTEMS), warmup=args.warmup, repeats=args.repeats)
+                spec = dict(threads=threads, config=cfg_name, mode=mode, dtypes=args.dtypes,
+                            allocator=args.allocator, systems=list(SYSTEMS), warmup=args.warmup,
+                            repeats=args.repeats)
                 out = run_child(__file__, spec, env={"OMP_NUM_THREADS": str(threads)})
                 if "error" in out:
                     print(f"{cfg_name} {mode} at {threads} thread(s) failed: {out['error']}")

@@ -114,7 +114,7 @@ def test_compact_memory_prefers_tcmalloc_and_keeps_other_preloads(monkeypatch):
     assert memory.compact_memory_env() == {"LD_PRELOAD": f"/opt/libother.so:{tcmalloc}"}
 
 
-def test_a_recipe_trains_reusing_freed_memory_unless_compact_memory(tmp_path, cache, monkeypatch):
+def test_a_recipe_trains_reusing_freed_memory_unless_turned_off(tmp_path, cache, monkeypatch):
     """Every training step of a recipe runs inside reuse_freed_memory (Conv-TasNet-small's step
     is faster with it, docs/BENCHMARKS.md); after the run the process's settings are back."""
     import importlib.util

@@ -451,8 +451,8 @@ def train_and_test(brain_class, argv=None, report=None) -> dict:
     """A recipe's whole run: :func:`setup_recipe`, :meth:`BaseBrain.fit_and_test`, then
     ``report(hparams, summary)`` on the main process. Returns the summary."""
     brain, hparams, sets = setup_recipe(brain_class, argv)
-    # freed activations are reused instead of faulted in afresh (Conv-TasNet-small's step: 1.46x
-    # faster, docs/BENCHMARKS.md); compact_memory runs keep their own lower-peak allocator
+    # freed activations are reused instead of faulted in afresh (faster steps, docs/BENCHMARKS.md);
+    # compact_memory runs keep their own lower-peak allocator
     reuse = bool(hparams.get("train_reuse_freed_memory", True)) and not hparams.get("compact_memory", False)
     with reuse_freed_memory(reuse):
         summary = brain.fit_and_test(hparams, sets)

@@ -6,7 +6,9 @@ it is freed, so the next tensor of that size faults in every one of its 4 kB pag
 kernel zeroes them, and that system time grows with the size of the activations. Two remedies,
 each for its own job:
 
-* :func:`reuse_freed_memory` (inference, on by default in :class:`~modules.serving.inference.Separator`):
+* :func:`reuse_freed_memory` (inference: :class:`~modules.serving.inference.Separator` with
+  ``reuse_freed_memory: True``; training: around every recipe's run unless
+  ``train_reuse_freed_memory: False`` or ``compact_memory``):
   while it is active glibc serves every block from its heap and keeps freed memory there for the
   next tensor. MossFormer2 on 60 s of audio, one thread: 366 s of which 132 s in the kernel
   without it, 259 s (8 s in the kernel) with it; time per second of audio then stays at 4.3 s
