@@ -11,6 +11,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+def load_recipe(name: str):
+    """The module ``recipes/<name>/train.py`` (its Brain class and ``run``), imported afresh."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_train", os.path.join(ROOT, "recipes", name, "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 SHARED_DATA = os.environ.get("SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
 LIBRISPEECH = os.path.join(SHARED_DATA, "LibriSpeech")
 SPEECHOCEAN = os.path.join(SHARED_DATA, "speechocean762")

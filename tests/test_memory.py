@@ -12,7 +12,7 @@ import torch
 
 from modules.training import memory
 from modules.serving.inference import Separator
-from conftest import ROOT, inference_yaml
+from conftest import ROOT, inference_yaml, load_recipe
 
 pytestmark = pytest.mark.skipif(memory._glibc() is None, reason="glibc only")
 
@@ -117,13 +117,10 @@ def test_compact_memory_prefers_tcmalloc_and_keeps_other_preloads(monkeypatch):
 def test_a_recipe_trains_reusing_freed_memory_unless_turned_off(tmp_path, cache, monkeypatch):
     """Every training step of a recipe runs inside reuse_freed_memory (Conv-TasNet-small's step
     is faster with it, docs/BENCHMARKS.md); after the run the process's settings are back."""
-    import importlib.util
     import os
 
     recipe = os.path.join(ROOT, "recipes", "separation")
-    spec = importlib.util.spec_from_file_location("sep_train_mem", os.path.join(recipe, "train.py"))
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_recipe("separation")
     depths = []
     fit_batch = train.SeparationBrain.fit_batch
     monkeypatch.setattr(train.SeparationBrain, "fit_batch",

@@ -2,7 +2,6 @@
 
 import csv
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -15,7 +14,7 @@ import soundfile as sf
 import torch
 from speechbrain.dataio.batch import PaddedBatch
 
-from conftest import ROOT
+from conftest import ROOT, load_recipe
 
 RECIPE = os.path.join(ROOT, "recipes", "separation")
 YAMLS = sorted(glob.glob(os.path.join(RECIPE, "hparams", "*.yaml")))
@@ -83,17 +82,10 @@ def test_resume_from_checkpoint(tmp_path, cache):
     assert "trained 2 epochs" in second
 
 
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location("sep_train", os.path.join(RECIPE, "train.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_nonfinite_loss_skips_the_update():
     from modules.models.convtasnet import ConvTasNet
 
-    train = _load_train_module()
+    train = load_recipe("separation")
     model = ConvTasNet(N=8, L=8, B=8, H=8, Sc=8, X=1, R=1)
     brain = train.SeparationBrain(modules={"model": model}, opt_class=lambda p: torch.optim.Adam(p, 1e-2),
                                   hparams={}, run_opts={"device": "cpu", "skip_nonfinite_grads": True,

@@ -10,7 +10,7 @@ import soundfile as sf
 import torch
 from torch import nn
 
-from conftest import SPEECHOCEAN, inference_yaml
+from conftest import SPEECHOCEAN, inference_yaml, load_recipe
 from modules.data.audio import resample
 from modules.models.convtasnet import ConvTasNet
 from modules.models.speaker import INSTALL_HINT
@@ -146,10 +146,7 @@ def test_extraction_recipe_tests_separate_then_select(tmp_path):
     torch.save(ConvTasNet(N=16, L=16, B=16, H=32, Sc=16, X=2, R=1).state_dict(), folder / "model.ckpt")
     (folder / "hyperparams.yaml").write_text(inference_yaml())
     corpus = write_tone_corpus(str(tmp_path / "corpus"), n_speakers=6, utts=2, sr=SR)
-    spec = importlib.util.spec_from_file_location(
-        "tse_train", os.path.join(ROOT, "recipes", "target_speaker", "train.py"))
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe("target_speaker")
     out = tmp_path / "out"
     summary = recipe.run([os.path.join(ROOT, "recipes", "target_speaker", "hparams", "separate_then_select.yaml"),
                           f"--separator={folder}", f"--data_folder={corpus}", f"--output_folder={out}",

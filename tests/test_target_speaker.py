@@ -3,7 +3,6 @@ recipes/target_speaker yaml, export -> TargetSpeakerExtractor round trip, and th
 
 import csv
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -14,7 +13,7 @@ import soundfile as sf
 import torch
 import yaml as pyyaml
 
-from conftest import ROOT, SPEECHOCEAN, inference_yaml, write_tone_corpus
+from conftest import ROOT, SPEECHOCEAN, inference_yaml, load_recipe, write_tone_corpus
 from modules.data.corpora import Utterance
 from modules.models.convtasnet import ConvTasNet
 from modules.data.enrolment import ENROLL_GAP, TSEData, draw_extraction_spec, enroll_gap
@@ -27,13 +26,6 @@ SMALL_DATA = ["--train_mixtures_per_epoch=4", "--n_valid=2", "--n_test=2", "--se
               "--enroll_seconds=0.8", "--min_enroll_seconds=0.3", "--eval_max_seconds=1",
               "--batch_size=2", "--n_audio_examples=1", "--noprogressbar"]
 SMALL_MODEL = ["--encoder_dim=16", "--tcn_bottleneck=16", "--tcn_hidden=16", "--tcn_skip=16"]
-
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("tse_train", os.path.join(RECIPE, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +185,7 @@ def test_enrolment_per_speaker_when_corpora_are_pooled(tmp_path):
 
 
 def run_recipe(yaml, out, *args):
-    return load_recipe().run([yaml, f"--output_folder={out}", *args])
+    return load_recipe("target_speaker").run([yaml, f"--output_folder={out}", *args])
 
 
 @pytest.mark.parametrize("yaml", YAMLS, ids=[os.path.basename(y) for y in YAMLS])
@@ -384,7 +376,7 @@ def test_speaker_verdicts_of_the_test_stage_on_real_speech():
     import soundfile as sf
 
     from modules.data.corpora import scan_corpus
-    brain = load_recipe().ExtractionBrain.__new__(load_recipe().ExtractionBrain)
+    brain = load_recipe("target_speaker").ExtractionBrain.__new__(load_recipe("target_speaker").ExtractionBrain)
     brain.hparams = types.SimpleNamespace(sample_rate=16000, speaker_margin=0.05)
     brain.device = "cpu"
     by_speaker = {}
