@@ -8,6 +8,7 @@ resume; export never picks an interrupted checkpoint; the time budget holds with
 included; fine-tuning starts from another run's weights; an outside yaml is refused.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -17,11 +18,12 @@ import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
-from conftest import ROOT
+from conftest import ROOT, load_recipe
 from modules.serving.export import export
 from modules.serving.inference import (Separator, TargetSpeakerExtractor, TimbreTranscriber,
                                        UntrustedModelError)
-from modules.training.brain import BaseBrain, BudgetedEpochCounter, SafeCheckpointer, best_checkpoint
+from modules.training.brain import (BaseBrain, BudgetedEpochCounter, SafeCheckpointer, best_checkpoint,
+                                    make_lr_scheduler)
 from test_recipes import SMALL_DATA, TINY_MODEL
 from test_target_speaker import SMALL_DATA as TSE_DATA
 from test_target_speaker import write_tone_corpus
@@ -126,12 +128,14 @@ class _TinyBrain(BaseBrain):
         return out.square().mean()
 
 
-def _brain(tmp_path):
+def _brain(tmp_path, counter=None, scheduler=None):
     model = torch.nn.Linear(2, 2)
-    counter = BudgetedEpochCounter(10)
-    scheduler = sb.nnet.schedulers.ReduceLROnPlateau(factor=0.5, patience=1, dont_halve_until_epoch=0)
-    ckpt = SafeCheckpointer(str(tmp_path / "save"), recoverables={"model": model, "counter": counter,
-                                                                  "lr_scheduler": scheduler})
+    counter = counter or BudgetedEpochCounter(10)
+    scheduler = scheduler or sb.nnet.schedulers.ReduceLROnPlateau(factor=0.5, patience=1,
+                                                                  dont_halve_until_epoch=0)
+    ckpt = (SafeCheckpointer(str(tmp_path / "save"), recoverables={"model": model, "counter": counter,
+                                                                   "lr_scheduler": scheduler})
+            if tmp_path is not None else None)
     hparams = {"epoch_counter": counter, "lr_scheduler": scheduler, "valid_metric": "si-snr",
                "valid_metric_mode": "max", "output_folder": str(tmp_path)}
     brain = _TinyBrain(modules={"model": model}, opt_class=lambda p: torch.optim.Adam(p, lr=1e-3),
@@ -157,6 +161,50 @@ def test_learning_rate_halves_on_the_optimizer_and_survives_a_resume(tmp_path):
     resumed = _brain(tmp_path)
     resumed.checkpointer.recover_if_possible()
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(rates[-1])
+
+
+def test_annealing_follows_the_time_budget_on_the_optimizer():
+    """``lr_schedule: anneal``: the rate on the optimizer holds, then falls with the share of the
+    time budget spent (a fake clock), reaching ``lr_min`` when the budget is spent."""
+    counter = BudgetedEpochCounter(1000, max_minutes=10)
+    now = [0.0]
+    counter.clock = lambda: now[0]
+    counter._tick()
+    scheduler = make_lr_scheduler("anneal", 1e-3, counter, lr_min=1e-5, hold=0.5)
+    brain = _brain(None, counter=counter, scheduler=scheduler)
+    rates = []
+    for epoch, minutes in enumerate([2, 5, 7.5, 10], start=1):
+        now[0] = 60 * minutes
+        _validate(brain, epoch, 1.0)
+        rates.append(brain.optimizer.param_groups[0]["lr"])
+    assert rates[0] == rates[1] == pytest.approx(1e-3)           # first half of the budget: held
+    assert rates[2] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)  # half-way down the cosine
+    assert rates[3] == pytest.approx(1e-5)
+    with pytest.raises(ValueError, match="lr_schedule must be one of plateau, anneal"):
+        make_lr_scheduler("cosine", 1e-3, counter)
+
+
+def test_a_recipe_trains_with_the_annealed_rate(tmp_path):
+    """A real recipe run with ``--lr_schedule=anneal`` (4 epochs, no time budget: the share is
+    of the epochs): each epoch's training steps run at the scheduled rate."""
+    train_py = load_recipe("separation")
+    seen = {}
+    fit_batch = train_py.SeparationBrain.fit_batch
+
+    def recording(self, batch):
+        seen.setdefault(self.hparams.epoch_counter.current, set()).add(self.optimizer.param_groups[0]["lr"])
+        return fit_batch(self, batch)
+
+    train_py.SeparationBrain.fit_batch = recording
+    try:
+        train_py.run([os.path.join(SEP, "hparams", "convtasnet-small.yaml"), f"--output_folder={tmp_path}",
+                      "--noprogressbar", "--lr_schedule=anneal", "--number_of_epochs=4", "--lr=0.002",
+                      f"--cache_folder={tmp_path / 'cache'}", *SMALL_DATA, *TINY_MODEL])
+    finally:
+        train_py.SeparationBrain.fit_batch = fit_batch
+    want = [0.002 * 0.5 * (1 + math.cos(math.pi * min(1, max(0, (e / 4 - 0.25) / 0.75)))) for e in range(4)]
+    assert sorted(seen) == [1, 2, 3, 4] and all(len(r) == 1 for r in seen.values())
+    assert [seen[e].pop() for e in (1, 2, 3, 4)] == pytest.approx(want)
 
 
 # Runs a recipe in this process with torch.save patched: the model file of the checkpoint

@@ -181,6 +181,49 @@ def test_enrolment_per_speaker_when_corpora_are_pooled(tmp_path):
     assert torch.allclose(item["mix"], item["target"] + item["interferer"], atol=1e-6)
 
 
+def test_training_enrolments_from_fixed_crops_are_embedded_once(tmp_path):
+    """``enroll_crops: 2``: over three epochs each training utterance gives at most 2 enrolments
+    (another utterance) or 2 x 2 (start or end of the target's own, as before), so the frozen
+    GE2E encoder runs once per distinct enrolment; without the option nearly every item is new.
+    Valid and test lists are the same either way, and own-utterance crops still avoid the target."""
+    from modules.models.speaker import GE2EEncoder
+
+    a = write_tone_corpus(str(tmp_path / "A"), n_speakers=6, utts=1, seconds=3.0)
+    b = write_tone_corpus(str(tmp_path / "B"), n_speakers=6, utts=3, seconds=2.0)
+    kw = dict(cache_folder=str(tmp_path / "cache"), sample_rate=8000, segment_seconds=1.0,
+              enroll_seconds=1.0, min_enroll_seconds=0.5, n_valid=6, n_test=6,
+              train_mixtures_per_epoch=30, valid_fraction=0.34, test_fraction=0.34)
+    plain = TSEData([a, b], save_folder=str(tmp_path / "p"), **kw).datasets()
+    fixed = TSEData([a, b], save_folder=str(tmp_path / "f"), enroll_crops=2, **kw).datasets()
+    for split in ("valid", "test"):
+        assert [plain[split].spec(i) for i in range(6)] == [fixed[split].spec(i) for i in range(6)]
+
+    def embed_epochs(ds):
+        enc = GE2EEncoder(sample_rate=8000)
+        computed, compute = [], enc.compute
+        enc.compute = lambda wav, n: computed.append(len(n)) or compute(wav, n)
+        crops = {}
+        for epoch in (1, 2, 3):
+            ds.set_epoch(epoch)
+            for i in range(len(ds)):
+                spec, item = ds.spec(i), ds[i]
+                enc(item["enroll"])
+                crops.setdefault((spec.enroll_utt, spec.enroll_mode), set()).add(
+                    (spec.enroll_start, spec.enroll_length, spec.enroll_peak))
+                if spec.enroll_mode == "same-utterance":
+                    assert enroll_gap(spec, ds.utts[spec.utts[0]], 8000) >= ENROLL_GAP
+        return sum(computed), crops
+
+    n_fixed, crops = embed_epochs(fixed["train"])
+    assert all(len(c) <= (2 if mode == "other-utterance" else 4) for (_, mode), c in crops.items())
+    assert {mode for _, mode in crops} == {"other-utterance", "same-utterance"}
+    assert n_fixed == sum(len(c) for c in crops.values()) < 45
+    n_plain, _ = embed_epochs(plain["train"])
+    assert n_plain > 80                                   # of 90 items
+    with pytest.raises(ValueError, match="enroll_crops must be 0"):
+        TSEData([a, b], save_folder=str(tmp_path / "x"), enroll_crops=-1, **kw)
+
+
 # ----------------------------------------------------------------------------- recipe
 
 

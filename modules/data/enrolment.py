@@ -51,7 +51,7 @@ class ExtractionSpec(MixSpec):
 
 def draw_extraction_spec(rng, mix_id, speakers, by_speaker, n_src, sample_rate, snr_range,
                          segment_seconds=None, max_seconds=None, speed_range=(1.0, 1.0),
-                         enroll_seconds=3.0, min_enroll_seconds=1.0) -> ExtractionSpec:
+                         enroll_seconds=3.0, min_enroll_seconds=1.0, enroll_crops=0) -> ExtractionSpec:
     """:func:`draw_spec` + an enrolment of the target speaker (source 0).
 
     The enrolment is a crop of up to ``enroll_seconds`` of *another* utterance of the target
@@ -59,17 +59,30 @@ def draw_extraction_spec(rng, mix_id, speakers, by_speaker, n_src, sample_rate, 
     it is cut from the target's own utterance, before or after the target crop and not
     overlapping it: at least ``min_enroll_seconds`` (half the utterance if shorter), and the
     mixture is shortened when the rest of the utterance cannot hold the target crop.
+
+    ``enroll_crops > 0`` draws each enrolment from that many fixed crops per utterance, each
+    with its own fixed peak (another utterance: crops evenly spaced over it; the target's own
+    utterance: its start or end, as without the option), so the same enrolments come again and
+    a frozen speaker encoder computes each embedding once (its cache). 0: any crop, any peak.
     """
     spec = draw_spec(rng, mix_id, speakers, by_speaker, n_src, sample_rate, snr_range,
                      segment_seconds=segment_seconds, max_seconds=max_seconds, speed_range=speed_range)
     target = next(u for s in speakers for u in by_speaker[s] if u.id == spec.utts[0])
     others = [u for u in by_speaker[target.speaker] if u.id != target.id]
     want = int(round(enroll_seconds * target.sample_rate))
-    peak = float(rng.uniform(*PEAK_RANGE))
+    if enroll_crops:
+        crop = int(rng.integers(enroll_crops))
+        lo, hi = PEAK_RANGE
+        peak = lo + (hi - lo) * (crop + 0.5) / enroll_crops
+    else:
+        peak = float(rng.uniform(*PEAK_RANGE))
     if others:
         u = others[int(rng.integers(len(others)))]
         length = min(want, u.frames)
-        start = int(rng.integers(0, u.frames - length + 1))
+        if enroll_crops:
+            start = (u.frames - length) * crop // max(enroll_crops - 1, 1)
+        else:
+            start = int(rng.integers(0, u.frames - length + 1))
         return ExtractionSpec(**asdict(spec), enroll_utt=u.id, enroll_start=start,
                               enroll_length=length, enroll_mode="other-utterance", enroll_peak=peak)
     frames, speed = target.frames, spec.speeds[0]
@@ -124,10 +137,11 @@ class ExtractionDataset(MixtureDataset):
 
     def __init__(self, utts, sample_rate, specs=None, n_items=0, n_src=2, snr_range=(-5, 5),
                  segment_seconds=4.0, speed_range=(0.9, 1.1), seed=0, enroll_seconds=3.0,
-                 min_enroll_seconds=1.0, audio=None):
+                 min_enroll_seconds=1.0, audio=None, enroll_crops=0):
         super().__init__(utts, sample_rate, specs, n_items, n_src, snr_range, segment_seconds,
                          speed_range, seed, audio)
-        self.enroll_kw = dict(enroll_seconds=enroll_seconds, min_enroll_seconds=min_enroll_seconds)
+        self.enroll_kw = dict(enroll_seconds=enroll_seconds, min_enroll_seconds=min_enroll_seconds,
+                              enroll_crops=enroll_crops)
 
     def spec(self, i: int) -> ExtractionSpec:
         if self.specs is not None:
@@ -219,14 +233,22 @@ class TSEData(SeparationData):
         Longest enrolment crop.
     min_enroll_seconds : float
         Shortest enrolment cut from the target's own utterance (single-utterance speakers).
+    enroll_crops : int
+        Training enrolments come from this many fixed crops per utterance
+        (:func:`draw_extraction_spec`); 0 (default): any crop. Valid and test sets are fixed
+        lists either way.
     tse_lists : str or dict, optional
         Libri2Mix-style TSE lists instead of a corpus (:func:`read_extraction_list`): a folder
         holding ``train.csv``, ``valid.csv`` (or ``dev.csv``) and ``test.csv``, or a dict
         ``{train: csv, valid: csv, test: csv}``.
     """
 
-    def __init__(self, *args, enroll_seconds=3.0, min_enroll_seconds=1.0, tse_lists=None, **kwargs):
+    def __init__(self, *args, enroll_seconds=3.0, min_enroll_seconds=1.0, tse_lists=None,
+                 enroll_crops=0, **kwargs):
         self.enroll_seconds = enroll_seconds
+        self.enroll_crops = int(enroll_crops or 0)
+        if self.enroll_crops < 0:
+            raise ValueError(f"enroll_crops must be 0 (any crop) or a positive count, got {enroll_crops}")
         self.min_enroll_seconds = min_enroll_seconds
         self.tse_lists = tse_lists
         super().__init__(*args, **kwargs)
@@ -242,8 +264,10 @@ class TSEData(SeparationData):
                                     min_enroll_seconds=self.min_enroll_seconds)
 
     def _mixtures(self, utts, **kwargs):
+        crops = self.enroll_crops if kwargs.get("specs") is None else 0  # fixed lists: as drawn
         return ExtractionDataset(utts, self.sample_rate, enroll_seconds=self.enroll_seconds,
-                                 min_enroll_seconds=self.min_enroll_seconds, audio=self.audio, **kwargs)
+                                 min_enroll_seconds=self.min_enroll_seconds, audio=self.audio,
+                                 enroll_crops=crops, **kwargs)
 
     def datasets(self):
         if self.kind == CorpusKind.TSE_LISTS:

@@ -174,7 +174,7 @@ class GE2EEncoder(nn.Module):
     def __init__(self, sample_rate: int = GE2E_SAMPLE_RATE, weights: str | None = None,
                  freeze: bool = True, volume: str = "fixed", target_dbfs: float = -25.0,
                  trim_silence_db: float | None = None, rate: float = 1.3,
-                 min_coverage: float = 0.75, cache_size: int = 1024):
+                 min_coverage: float = 0.75, cache_size: int = 16384):
         super().__init__()
         self.sample_rate = int(sample_rate)
         if volume not in VOLUME_MODES:
@@ -269,23 +269,18 @@ class GE2EEncoder(nn.Module):
             raise ValueError(f"{len(keys)} keys for {wav.shape[0]} waveforms; give one per row")
         n = sample_lengths(wav, lengths)
         wav = wav.float()
-        if self.sample_rate != GE2E_SAMPLE_RATE:
-            rel = n.float() / wav.shape[-1]
-            g = math.gcd(self.sample_rate, GE2E_SAMPLE_RATE)
-            wav = AF.resample(wav, self.sample_rate // g, GE2E_SAMPLE_RATE // g, **KAISER_BEST)
-            n = torch.round(rel * wav.shape[-1]).long().clamp(1, wav.shape[-1])
         use_cache = (cache and self.cache_size > 0 and not any(p.requires_grad for p in self.parameters())
                      and not (wav.requires_grad and torch.is_grad_enabled()))
         if not use_cache:
-            return self.compute(wav, n)
-        if keys is None:
+            return self.compute(*self._at_16k(wav, n))
+        if keys is None:  # known by the samples as given: a hit costs no resampling
             keys = [self._content_key(wav[b, :n[b]]) for b in range(wav.shape[0])]
         todo = [b for b, key in enumerate(keys) if key not in self._cache]
         if todo:
             rows = torch.tensor(todo, device=wav.device)
             short = int(n[rows].max())
             with torch.no_grad():
-                fresh = self.compute(wav[rows, :short], n[rows])
+                fresh = self.compute(*self._at_16k(wav[rows, :short], n[rows]))
             for b, emb in zip(todo, fresh):
                 self._cache[keys[b]] = emb
         out = torch.stack([self._cache[key] for key in keys]).to(wav.device)
@@ -294,6 +289,15 @@ class GE2EEncoder(nn.Module):
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return out
+
+    def _at_16k(self, wav, n):
+        """``wav`` at ``sample_rate`` with ``n`` real samples per row -> the same at 16 kHz."""
+        if self.sample_rate == GE2E_SAMPLE_RATE:
+            return wav, n
+        rel = n.float() / wav.shape[-1]
+        g = math.gcd(self.sample_rate, GE2E_SAMPLE_RATE)
+        wav = AF.resample(wav, self.sample_rate // g, GE2E_SAMPLE_RATE // g, **KAISER_BEST)
+        return wav, torch.round(rel * wav.shape[-1]).long().clamp(1, wav.shape[-1])
 
     @staticmethod
     def _content_key(x: torch.Tensor) -> str:

@@ -7,7 +7,8 @@ task-specific:
   resumed run sees the same data as an uninterrupted one;
 * non-finite losses are reported with the ids of the batch; with ``skip_nonfinite_grads: True``
   (the default of our yamls) the optimiser step of that batch is skipped;
-* the validation stage halves the learning rate on plateau (``lr_scheduler`` in the yaml), logs
+* the validation stage sets the next learning rate (``lr_scheduler`` in the yaml: halving on
+  plateau, or :class:`BudgetedAnnealing` over the time budget), logs
   to ``train_logger`` and keeps the best checkpoints by the yaml's ``valid_metric`` /
   ``valid_metric_mode`` (e.g. ``si-snr``, ``max``);
 * the test stage keeps one row per example in ``self.test_rows`` (the subclass appends them);
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -202,6 +204,14 @@ class BudgetedEpochCounter(EpochCounter):
             raise StopIteration
         return super().__next__()
 
+    def fraction_spent(self, epoch: int) -> float:
+        """Share of the training spent after ``epoch``: of the time budget when there is one,
+        else of the epoch limit."""
+        if self.max_minutes > 0:
+            self._tick()
+            return min(1.0, self.elapsed / (60 * self.max_minutes))
+        return min(1.0, epoch / max(self.limit, 1))
+
     @mark_as_saver
     def _save(self, path):
         self._tick()
@@ -215,6 +225,62 @@ class BudgetedEpochCounter(EpochCounter):
         self.current = state["current"] if end_of_epoch else state["current"] - 1
         self.elapsed = state["elapsed"]
         self._last = None
+
+
+@register_checkpoint_hooks
+class BudgetedAnnealing:
+    """Learning rate for a training budget: ``lr`` for the first ``hold`` of it, then down a half
+    cosine to ``lr_min`` at its end. The budget is the epoch counter's: its ``max_minutes`` when
+    set (share of the time spent), else its epoch limit. Called after each validation pass as
+    SpeechBrain's epoch schedulers are, ``scheduler(optimizers, epoch, value) -> (lr, next_lr)``
+    (``value`` unused). The schedule follows the counter's time, which the counter checkpoints;
+    this object's checkpoint keeps only the last rate it gave."""
+
+    def __init__(self, lr: float, counter: BudgetedEpochCounter, lr_min: float = 0.0, hold: float = 0.25):
+        if not 0 <= hold < 1:
+            raise ValueError(f"hold is the share of the budget at the full rate, in [0, 1); got {hold}")
+        if not 0 <= lr_min <= lr:
+            raise ValueError(f"need 0 <= lr_min <= lr, got lr_min={lr_min}, lr={lr}")
+        self.lr, self.lr_min, self.hold, self.counter = float(lr), float(lr_min), float(hold), counter
+
+    def rate(self, fraction: float) -> float:
+        """The learning rate once ``fraction`` of the budget is spent."""
+        t = min(1.0, max(0.0, (fraction - self.hold) / (1 - self.hold)))
+        return self.lr_min + (self.lr - self.lr_min) * 0.5 * (1 + math.cos(math.pi * t))
+
+    def __call__(self, optimizers, epoch, value=None):
+        current = optimizers[0].param_groups[0]["lr"]
+        self.last_rate = self.rate(self.counter.fraction_spent(epoch))
+        return current, self.last_rate
+
+    @mark_as_saver
+    def _save(self, path):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"last_rate": getattr(self, "last_rate", None)}, f)
+
+    @mark_as_loader
+    def _recover(self, path, end_of_epoch=True):
+        with open(path, encoding="utf-8") as f:
+            self.last_rate = json.load(f)["last_rate"]
+
+
+LR_SCHEDULES = ("plateau", "anneal")
+
+
+def make_lr_scheduler(kind: str, lr: float, counter: BudgetedEpochCounter, lr_min=None,
+                      factor: float = 0.5, patience: int = 2, dont_halve_until_epoch: int = 3,
+                      hold: float = 0.25):
+    """The yaml's ``lr_scheduler`` for ``lr_schedule: kind``: ``plateau`` (SpeechBrain's
+    ``ReduceLROnPlateau``: multiply by ``factor`` when the valid metric has not improved for
+    ``patience`` epochs, down to ``lr_min``) or ``anneal`` (:class:`BudgetedAnnealing` from
+    ``lr`` to ``lr_min``, default 0, after ``hold`` of the budget)."""
+    if kind == "plateau":
+        kw = {} if lr_min is None else {"lr_min": lr_min}
+        return sb.nnet.schedulers.ReduceLROnPlateau(factor=factor, patience=patience,
+                                                    dont_halve_until_epoch=dont_halve_until_epoch, **kw)
+    if kind == "anneal":
+        return BudgetedAnnealing(lr, counter, lr_min=lr_min or 0.0, hold=hold)
+    raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {kind!r}")
 
 
 class BaseBrain(sb.Brain):
