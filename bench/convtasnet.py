@@ -4,6 +4,7 @@
     .venv/bin/python bench/convtasnet.py                 # every row (about 40 min on 2 cores)
     .venv/bin/python bench/convtasnet.py --configs small --threads 2 --dtypes fp32   # a quick look
     .venv/bin/python bench/convtasnet.py --profile small --threads 2    # where our time goes
+    .venv/bin/python bench/convtasnet.py --compile --threads 2 --dtypes fp32   # + ours under torch.compile
 
 Systems, all built with the same hyperparameters and random weights (speed does not depend on
 the weights), two sources:
@@ -13,6 +14,8 @@ the weights), two sources:
   between the ``dual_path.Encoder`` / ``dual_path.Decoder`` filterbanks, wired as SpeechBrain's
   WSJ0-2mix Conv-TasNet recipe does (the masked representation stacked per source, one decoder
   call per source). Its TCN has no skip path, so it has no ``Sc``.
+* **ours, compiled** (``--compile`` only): ours under ``torch.compile`` (inductor, default
+  mode); the first call, which compiles, is timed apart and printed as a note.
 * **Asteroid** 0.7.0: ``asteroid.models.ConvTasNet`` (gLN, ReLU masks, free filterbank),
   installed with ``pip install --no-deps asteroid==0.7.0 asteroid-filterbanks`` (the Makefile
   does this). A peer that does not import is skipped with a note.
@@ -86,9 +89,10 @@ def build(system: str, cfg: dict):
     import torch.nn as nn
 
     torch.manual_seed(0)
-    if system == "ours":
+    if system in ("ours", "compiled"):
         from modules.models.convtasnet import ConvTasNet
-        return ConvTasNet(**cfg, n_src=N_SRC)
+        model = ConvTasNet(**cfg, n_src=N_SRC)
+        return torch.compile(model) if system == "compiled" else model
     if system == "speechbrain":  # wired as SpeechBrain's recipe (bench/peer_convtasnet.py)
         from bench.peer_convtasnet import SpeechBrainLobes
         return SpeechBrainLobes(**{k: cfg[k] for k in "NLBHPXR"}, n_src=N_SRC)
@@ -165,7 +169,12 @@ def _timed_rows(spec: dict) -> dict:
     for dtype in spec["dtypes"]:
         calls = {s: make_call(m, spec["mode"], dtype) for s, m in models.items()}
         for s in calls:
-            for _ in range(spec["warmup"]):
+            start = time.perf_counter()
+            calls[s]()
+            if s == "compiled":
+                notes.append(f"compiled {spec['config']} {spec['mode']} {dtype}: first call (compiles) "
+                             f"{time.perf_counter() - start:.1f} s")
+            for _ in range(spec["warmup"] - 1):
                 calls[s]()
         wall, cpu = {s: [] for s in calls}, {s: [] for s in calls}
         for _ in range(spec["repeats"]):
@@ -207,7 +216,8 @@ def main():
     ap.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls per system (at least 1)")
+    ap.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--profile", choices=list(CONFIGS))
     ap.add_argument("--allocator", choices=["reuse", "glibc"], default="reuse",
@@ -219,6 +229,7 @@ def main():
     if args.profile:
         profile(args.profile, args.threads[0], args.allocator)
         return
+    systems = list(SYSTEMS) + (["compiled"] if args.compile else [])
     print(cpu_description())
     print(f"Timed calls interleaved across systems ({', '.join(SYSTEMS)}, repeated) after "
           f"{args.warmup} warm-up call(s) each, so load from other processes on this machine "
@@ -231,7 +242,7 @@ def main():
         for cfg_name in args.configs:
             for mode in args.modes:
                 spec = dict(threads=threads, config=cfg_name, mode=mode, dtypes=args.dtypes,
-                            allocator=args.allocator, systems=list(SYSTEMS), warmup=args.warmup,
+                            allocator=args.allocator, systems=systems, warmup=args.warmup,
                             repeats=args.repeats)
                 out = run_child(__file__, spec, env={"OMP_NUM_THREADS": str(threads)})
                 if "error" in out:
@@ -242,8 +253,9 @@ def main():
                         print(f"note: {note}")
                         notes.add(note)
                 results.extend(out["rows"])
+    compiled = " | compiled | compiled/ours" if args.compile else ""
     head = ("| config | step | dtype | threads | ours | SpeechBrain | Asteroid "
-            "| ours/SB | ours/Asteroid | CPU s: ours / SB / Asteroid |")
+            f"| ours/SB | ours/Asteroid | CPU s: ours / SB / Asteroid{compiled} |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in results:
@@ -253,7 +265,9 @@ def main():
         cpu = " / ".join(f"{c[s]:.3f}" if s in c else "-" for s in SYSTEMS)
         print(f"| {r['config']} | {r['mode']} | {r['dtype']} | {r['threads']} | {cell('ours')} "
               f"| {cell('speechbrain')} | {cell('asteroid')} | {ratio('speechbrain')} "
-              f"| {ratio('asteroid')} | {cpu} |")
+              f"| {ratio('asteroid')} | {cpu}"
+              + (f" | {cell('compiled')} | {m['compiled'] / m['ours']:.2f}" if "compiled" in m else
+                 " | - | -" if args.compile else "") + " |")
 
 if __name__ == "__main__":
     main()

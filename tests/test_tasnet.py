@@ -141,10 +141,19 @@ def _perturbed_model(cfg, dtype=torch.float32):
     return model
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["onednn-fused", "plain"])
 @pytest.mark.parametrize("cfg", [CONFIGS["convtasnet-small"], dict(TINY, P=2)])
-def test_tcn_matches_a_channels_first_reference(cfg):
+def test_tcn_matches_a_channels_first_reference(cfg, fused, monkeypatch):
     """The channels-last TCN (matrix products, channels-last depthwise convolution, two-pass gLN)
-    computes the same masks and separation as the textbook channels-first computation."""
+    computes the same masks and separation as the textbook channels-first computation, on
+    oneDNN's fused inference kernels (taken: counted) and without them."""
+    import modules.models.convtasnet as cts
+
+    if fused and not cts._ONEDNN_LINEAR:
+        pytest.skip("this torch has no oneDNN linear kernels")
+    monkeypatch.setattr(cts, "_ONEDNN_LINEAR", fused)
+    calls, real = [], cts._linear_fused
+    monkeypatch.setattr(cts, "_linear_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = _perturbed_model(cfg).eval()
     mix = torch.randn(2, 4001)
     with torch.no_grad():
@@ -153,6 +162,9 @@ def test_tcn_matches_a_channels_first_reference(cfg):
         ref = model.decode(model.apply_masks(w, masks), mix.shape[-1])
         assert (model.masker(w) - masks).abs().max() <= 1e-5
         assert (model(mix) - ref).abs().max() <= 1e-5
+    blocks = cfg["X"] * cfg["R"]
+    # per TCN call: the bottleneck, and 3 per block but the last block's residual; two calls
+    assert len(calls) == (2 * 3 * blocks if fused else 0)
 
 
 def test_training_gradients_match_the_reference():

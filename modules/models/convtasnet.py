@@ -8,6 +8,8 @@ block, Sc skip-connection channels, P kernel size, X blocks per repeat, R repeat
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -103,6 +105,53 @@ def _prelu(x: torch.Tensor, slope: torch.Tensor, training: bool) -> torch.Tensor
     return F.prelu(x, slope)
 
 
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+# (the signatures of the next two, which TorchScript must read though it never runs them, are
+# type comments: it rejects their annotations written as strings)
+@torch.jit.unused
+def _fused_inference(x):
+    # type: (Tensor) -> bool
+    """True where :meth:`TCN.forward` runs on oneDNN's fused kernels: float32 on the CPU, no
+    autograd, no autocast, not being exported."""
+    return (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+
+
+# id(parameter) -> (its storage, its version, its matrix in oneDNN's blocked layout): packed
+# again when the parameter changes (an optimizer step, load_state_dict), dropped with it
+_PACKED: dict[int, tuple[int, int, torch.Tensor]] = {}
+
+
+@torch.jit.unused
+def _packed(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """The Conv1d ``weight [C_out, C_in, 1]`` as oneDNN's prepacked matrix, made once per
+    version of the weight (a product with the plain matrix reorders it on every call)."""
+    key, stamp = id(weight), (weight.data_ptr(), weight._version)
+    hit = _PACKED.get(key)
+    if hit is None or hit[:2] != stamp:
+        if hit is None:
+            weakref.finalize(weight, _PACKED.pop, key, None)
+        hit = (*stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach().squeeze(-1), rows))
+        _PACKED[key] = hit
+    return hit[2]
+
+
+@torch.jit.unused
+def _linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  slope: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`_pointwise` in one oneDNN call with what follows it: a single-slope PReLU
+    (``slope``; oneDNN's leaky ReLU) or the sum with ``add``."""
+    w = _packed(weight, x.shape[0] * x.shape[1])
+    if add is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, bias, "add")
+    if slope is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "leaky_relu", [float(slope)], "")
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
 class TemporalBlock(nn.Module):
     """One 1-D convolutional block of the TCN (paper Fig. 1C).
 
@@ -152,6 +201,17 @@ class TemporalBlock(nn.Module):
             res = x + _pointwise(y, self.res_conv.weight, self.res_conv.bias)
         return res, _pointwise(y, self.skip_conv.weight, self.skip_conv.bias)
 
+    @torch.jit.unused
+    def forward_fused(self, x: torch.Tensor, skip_sum: torch.Tensor | None):
+        """Inference of :meth:`forward_channels_last` on oneDNN's fused kernels (the first 1x1
+        conv with its PReLU; the residual and skip 1x1 convs with their sums) ->
+        (residual or None, ``skip_sum`` + skip)."""
+        y = self.norm1(_linear_fused(x, self.conv_in.weight, self.conv_in.bias, slope=self.act1.weight))
+        y = self.norm2(F.prelu(self.depthwise(y), self.act2.weight))
+        res = (_linear_fused(y, self.res_conv.weight, self.res_conv.bias, add=x)
+               if self.res_conv is not None else None)
+        return res, _linear_fused(y, self.skip_conv.weight, self.skip_conv.bias, add=skip_sum)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         res, skip = self.forward_channels_last(x.transpose(1, 2))
         return (res.transpose(1, 2) if res is not None else None), skip.transpose(1, 2)
@@ -190,18 +250,34 @@ class TCN(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         x = self.in_norm(w.transpose(1, 2))  # [batch, frames, N]
-        x = _pointwise(x, self.bottleneck.weight, self.bottleneck.bias)
-        skip_sum = torch.zeros(0)
-        for i, block in enumerate(self.blocks):
-            res, skip = block.forward_channels_last(x)
-            skip_sum = skip if i == 0 else skip_sum + skip
-            if res is not None:
-                x = res
+        if not torch.jit.is_scripting() and _fused_inference(x):
+            skip_sum = self._skips_fused(x)
+        else:
+            x = _pointwise(x, self.bottleneck.weight, self.bottleneck.bias)
+            skip_sum = torch.zeros(0)
+            for i, block in enumerate(self.blocks):
+                res, skip = block.forward_channels_last(x)
+                skip_sum = skip if i == 0 else skip_sum + skip
+                if res is not None:
+                    x = res
         skip_sum = _prelu(skip_sum, self.out_act.weight, self.training)
         # [batch, frames, n_src * N]
         m = _pointwise(skip_sum, self.mask_conv.weight, self.mask_conv.bias)
         m = m.view(w.shape[0], w.shape[-1], self.n_src, self.N).permute(0, 2, 3, 1)
         return self.mask_act(m)
+
+    @torch.jit.unused
+    def _skips_fused(self, x):
+        # type: (Tensor) -> Tensor
+        """The sum of the blocks' skip outputs for the normalised input ``x [batch, frames, N]``,
+        by :meth:`TemporalBlock.forward_fused` (inference)."""
+        x = _linear_fused(x, self.bottleneck.weight, self.bottleneck.bias)
+        skip_sum: torch.Tensor | None = None
+        for block in self.blocks:
+            res, skip_sum = block.forward_fused(x, skip_sum)
+            if res is not None:
+                x = res
+        return skip_sum
 
     def receptive_field_frames(self) -> int:
         """Frames of encoder output that influence one output frame."""
