@@ -504,6 +504,10 @@ def setup_recipe(brain_class, argv=None):
         raise ValueError("--compile together with bf16 precision gives wrong gradients for our models' "
                          "written-out backward passes; train with --compile in fp32, or in bf16 "
                          "without --compile")
+    if run_opts.get("compile"):
+        logger.warning("--compile: in our 30-minute runs the first epoch did not learn (training "
+                       "SI-SNR stayed near its initial value; learning started in epoch 2), cause not "
+                       "found yet; see docs/BENCHMARKS.md before relying on it")
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
                                    hyperparams_to_save=hparams_file, overrides=overrides)
     if hparams.get("init_from"):  # fine-tuning: start from other weights (a resume still wins)
