@@ -87,14 +87,14 @@ def test_separation_train_export_load_gives_the_trained_model(case, tmp_path, ca
         assert torch.allclose(moved[:, :cut], got[:, :cut], atol=1e-5)
 
 
-@pytest.mark.parametrize("yaml,options", [("wavlm_tasnet-tiny.yaml", []),
-                                          ("wavlm_tasnet-tiny.yaml", ["--speaker_encoder=ge2e"]),
-                                          ("wavlm_dynamic_tasnet-tiny.yaml", [])])
+@pytest.mark.parametrize("yaml,options", [("wavlm_tasnet-tiny.yaml", ["--norm=cLN"]),
+                                          ("wavlm_tasnet-tiny.yaml", ["--norm=cLN", "--speaker_encoder=ge2e"]),
+                                          ("wavlm_dynamic_tasnet-tiny.yaml", ["--norm=cLN"]),
+                                          ("stft_mask_ge2e.yaml", ["--hidden=16"])])
 def test_extraction_train_export_load_gives_the_trained_model(yaml, options, tmp_path):
     corpus = write_tone_corpus(str(tmp_path / "corpus"), n_speakers=6, utts=2)
     out = tmp_path / "run"
-    args = [*[a for a in TSE_DATA if a != "--noprogressbar"], f"--data_folder={corpus}",
-            "--norm=cLN", *options]
+    args = [*[a for a in TSE_DATA if a != "--noprogressbar"], f"--data_folder={corpus}", *options]
     train("target_speaker", yaml, out, *args, f"--cache_folder={tmp_path / 'cache'}")
     model, hp = trained_model("target_speaker", yaml, out, args)
     hub = export(str(out), str(tmp_path / "hub"))

@@ -1,4 +1,5 @@
-"""Target-speaker extraction models (modules/models/tse.py): speaker side, frame bookkeeping, and one test
+"""Target-speaker extraction models (modules/models/tse.py, and the STFT-mask extractor of
+modules/models/stft_mask.py): speaker side, frame bookkeeping, and one test
 per fix of the reference's weak points (fp16-safe bias, all-masked fallback, soft QKb, position
 bias after the sequence switch, batches of different enrolment/mixture lengths)."""
 
@@ -576,3 +577,44 @@ def test_ge2e_speaker_encoder_is_the_pretrained_frozen_d_vector():
     assert all(torch.equal(before[k], v) for k, v in model.ge2e.state_dict().items())
     with pytest.raises(ValueError, match="speaker_encoder"):
         make_static(speaker_encoder="xvector")
+
+
+def test_stft_mask_extractor_is_conditioned_on_the_frozen_d_vector_and_ignores_padding():
+    from modules.data.audio import AudioError
+    from modules.models.speaker import GE2EEncoder
+    from modules.models.stft_mask import STFTMaskExtractor
+    torch.manual_seed(0)
+    model = STFTMaskExtractor(hidden=16, sample_rate=SR).train()
+    assert not model.ge2e.training
+    mix, enroll, other = torch.randn(2, 4000), torch.randn(2, 6000), torch.randn(2, 6000)
+    with torch.no_grad():
+        ref = GE2EEncoder(sample_rate=SR).eval()
+        assert (model.speaker_embedding(enroll) - ref(enroll)).abs().max() <= 1e-6
+    out = model(mix, enroll)
+    assert out.shape == mix.shape
+    assert (out - model(mix, other)).abs().max() > 1e-4  # the enrolment changes the estimate
+    before = {k: v.clone() for k, v in model.ge2e.state_dict().items()}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    out.pow(2).mean().backward()
+    assert all(p.grad is None for p in model.ge2e.parameters())
+    assert model.masker.rnn.weight_ih_l0.grad[:, -256:].abs().sum() > 0  # the d-vector's input weights train
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in model.ge2e.state_dict().items())
+    # a ragged batch: what the padding holds does not reach the real samples
+    model.eval()
+    lens = torch.tensor([1.0, 0.6])
+    noisy = mix.clone()
+    noisy[1, 2400:] = 10 * torch.randn(1600)
+    quiet = mix.clone()
+    quiet[1, 2400:] = 0
+    with torch.no_grad():
+        a, b = model(noisy, enroll, lens), model(quiet, enroll, lens)
+        assert (a[:, :2400] - b[:, :2400]).abs().max() <= 1e-5
+        # the recurrence ends at each item's last frame: the short item differs from a run over padding
+        unpacked = model(quiet, enroll)
+        assert (a[1, :2000] - unpacked[1, :2000]).abs().max() > 1e-6
+        assert (a[0] - unpacked[0]).abs().max() <= 1e-5
+    with pytest.raises(AudioError, match="at least"):
+        model(torch.randn(1, 100), enroll[:1])
+    with pytest.raises(AudioError, match="same batch"):
+        model(mix, enroll[:1])

@@ -5,6 +5,9 @@ The baseline plugs into :class:`modules.models.base.EncoderMaskerDecoder`: the e
 magnitude with a (B)LSTM, the masks multiply the complex mixture spectrum (the mixture phase is
 kept) and the decoder is the inverse STFT. Trained with SI-SNR + PIT like every other model here.
 
+:class:`STFTMaskExtractor` is the same mask network for target-speaker extraction: one mask,
+conditioned on the pretrained GE2E d-vector of an enrolment of the target speaker.
+
 Oracle masks (Wang, "On ideal binary mask as the computational goal of auditory scene analysis",
 2005; Narayanan & Wang, ICASSP 2013) use the reference sources and bound what a magnitude mask
 with the mixture phase can reach: IBM gives each time-frequency unit to the loudest source, IRM
@@ -16,8 +19,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from modules.data.audio import AudioError
 from modules.models.base import EncoderMaskerDecoder, mask_activation
 from modules.models.clustering import deep_clustering_loss, kmeans
+from modules.models.speaker import GE2E_DIM, GE2EEncoder, sample_lengths
 
 
 def _window(n_fft, like):
@@ -56,21 +63,34 @@ class ISTFTDecoder(nn.Module):
 class RNNMasker(nn.Module):
     """Magnitude-mask estimator: log(1 + |X|) -> (B)LSTM -> linear -> one mask per source.
 
-    Input complex or real ``[batch, F, frames]``; output ``[batch, n_src, F, frames]``.
+    Input complex or real ``[batch, F, frames]``; output ``[batch, n_src, F, frames]``. With
+    ``cond_dim`` > 0, ``forward`` also takes a ``[batch, cond_dim]`` vector that joins every
+    frame's input (VoiceFilter's conditioning), and ``frames [batch]`` (valid frames per item)
+    keeps the padding of a ragged batch out of the recurrence.
     """
 
     def __init__(self, n_freq: int, hidden: int = 256, layers: int = 2, n_src: int = 2,
-                 bidirectional: bool = True, dropout: float = 0.0, mask_act: str = "sigmoid"):
+                 bidirectional: bool = True, dropout: float = 0.0, mask_act: str = "sigmoid",
+                 cond_dim: int = 0):
         super().__init__()
-        self.n_src, self.n_freq = n_src, n_freq
-        self.rnn = nn.LSTM(n_freq, hidden, layers, batch_first=True, dropout=dropout,
+        self.n_src, self.n_freq, self.cond_dim = n_src, n_freq, cond_dim
+        self.rnn = nn.LSTM(n_freq + cond_dim, hidden, layers, batch_first=True, dropout=dropout,
                            bidirectional=bidirectional)
         self.proj = nn.Linear(hidden * (2 if bidirectional else 1), n_src * n_freq)
         self.mask_act = mask_activation(mask_act)
 
-    def forward(self, w):
+    def forward(self, w, condition=None, frames=None):
         feats = torch.log1p(w.abs() if w.is_complex() else w).transpose(1, 2)  # [B, frames, F]
-        h, _ = self.rnn(feats)
+        if self.cond_dim:
+            if condition is None or condition.shape != (w.shape[0], self.cond_dim):
+                raise ValueError(f"this masker is conditioned: give a [batch, {self.cond_dim}] vector, got "
+                                 f"{None if condition is None else tuple(condition.shape)}")
+            feats = torch.cat([feats, condition[:, None, :].to(feats.dtype).expand(-1, feats.shape[1], -1)], -1)
+        if frames is not None and bool((frames < feats.shape[1]).any()):
+            packed = pack_padded_sequence(feats, frames.cpu(), batch_first=True, enforce_sorted=False)
+            h, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=feats.shape[1])
+        else:
+            h, _ = self.rnn(feats)
         m = self.proj(h).view(w.shape[0], -1, self.n_src, self.n_freq)
         return self.mask_act(m.permute(0, 2, 3, 1))
 
@@ -82,6 +102,59 @@ class STFTMaskNet(EncoderMaskerDecoder):
         super().__init__(STFTEncoder(n_fft, hop_length),
                          RNNMasker(n_fft // 2 + 1, hidden, layers, n_src, mask_act=mask_act),
                          ISTFTDecoder(n_fft, hop_length))
+
+
+class STFTMaskExtractor(nn.Module):
+    """Target-speaker extraction with an STFT magnitude mask: ``(mix [batch, time], enroll
+    [batch, time'])`` -> target estimate ``[batch, time]``.
+
+    The frozen pretrained GE2E d-vector of the enrolment (:class:`GE2EEncoder`, cached per
+    enrolment) joins every frame of the mixture's log magnitude, a BLSTM predicts one mask on the
+    complex STFT of the mixture, and the inverse STFT gives the estimate: the scheme of VoiceFilter
+    (Wang et al., Interspeech 2019; theirs has convolutions before the LSTM and a spectrogram
+    loss, ours the BLSTM of :class:`STFTMaskNet` trained on SI-SDR). Items of a ragged batch are
+    zero past their length, and the recurrence runs on their valid frames only.
+    """
+
+    def __init__(self, n_fft: int = 256, hop_length: int = 64, hidden: int = 256, layers: int = 2,
+                 sample_rate: int = 8000, mask_act: str = "sigmoid", dropout: float = 0.0):
+        super().__init__()
+        self.encoder = STFTEncoder(n_fft, hop_length)
+        self.masker = RNNMasker(n_fft // 2 + 1, hidden, layers, n_src=1, dropout=dropout,
+                                mask_act=mask_act, cond_dim=GE2E_DIM)
+        self.decoder = ISTFTDecoder(n_fft, hop_length)
+        self.ge2e = GE2EEncoder(sample_rate=sample_rate, freeze=True)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.ge2e.eval()  # frozen: always in inference mode
+        return self
+
+    def min_samples(self) -> tuple[int, int]:
+        """Shortest (mixture, enrolment) in samples: the STFT's reflection padding needs more
+        than half a window; the d-vector, one analysis window at its own rate."""
+        return self.encoder.n_fft // 2 + 1, int(self.ge2e.sample_rate * 0.025) + 1
+
+    def speaker_embedding(self, enroll: torch.Tensor, enroll_lens=None) -> torch.Tensor:
+        return self.ge2e(enroll, enroll_lens)
+
+    def forward(self, mix: torch.Tensor, enroll: torch.Tensor, mix_lens=None, enroll_lens=None):
+        mix = mix[None] if mix.dim() == 1 else mix
+        enroll = enroll[None] if enroll.dim() == 1 else enroll
+        if mix.dim() != 2 or enroll.dim() != 2 or mix.shape[0] != enroll.shape[0]:
+            raise AudioError(f"expected mix [batch, time] and enroll [batch, time'] with the same batch, "
+                             f"got {tuple(mix.shape)} and {tuple(enroll.shape)}")
+        shortest = self.min_samples()[0]
+        if mix.shape[-1] < shortest:
+            raise AudioError(f"the mixture has {mix.shape[-1]} samples; this model needs at least {shortest}")
+        samples = sample_lengths(mix, mix_lens)
+        frames = None
+        if mix_lens is not None:  # zeros past each mixture's end
+            mix = mix * (torch.arange(mix.shape[-1], device=mix.device)[None] < samples[:, None]).to(mix.dtype)
+            frames = samples // self.encoder.hop_length + 1
+        spec = self.encoder(mix)
+        masks = self.masker(spec, self.speaker_embedding(enroll, enroll_lens), frames)
+        return self.decoder(masks[:, 0] * spec, mix.shape[-1])
 
 
 def ideal_mask_separation(mix: torch.Tensor, sources: torch.Tensor, kind: str = "irm",

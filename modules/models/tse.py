@@ -602,6 +602,10 @@ class _WavLMExtractor(EncoderMaskerDecoder):
         use_masked_norms(self.masker)
         use_masked_norms(self.mix_blocks)
 
+    def min_samples(self) -> tuple[int, int]:
+        """Shortest (mixture, enrolment) in samples: one encoder frame and one WavLM frame."""
+        return max(self.encoder.kernel_size, self.wavlm_receptive), self.wavlm_receptive
+
     def to_encoder_frames(self, x: torch.Tensor, out_frames: int, lengths=None) -> torch.Tensor:
         """WavLM-rate features ``[batch, C, wavlm frames]`` -> ``[batch, C, out_frames]`` on the
         encoder grid (frame centres matched in samples; for the released WavLM 20 ms -> 10 ms)."""

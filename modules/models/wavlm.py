@@ -373,8 +373,9 @@ class WavLM(nn.Module):
         segment; such frames are set to the norm's bias). A segment that is one run of frames
         in a sample (the usual case) is normalised by ``F.group_norm`` on that run, exactly as
         alone; other label patterns take the statistics with masked sums."""
-        spans = []
+        layouts = []  # per sample: its segments' runs of frames, in order
         for b in range(labels.shape[0]):
+            runs = []
             for label in labels[b].unique().tolist():
                 if label < 0:
                     continue
@@ -382,12 +383,27 @@ class WavLM(nn.Module):
                 lo, hi = int(where[0]), int(where[-1]) + 1
                 if hi - lo != len(where):
                     return self._masked_group_norm(feats, labels, norm)
-                spans.append((b, lo, hi))
-        out = norm.bias.to(feats.dtype)[None, :, None].expand_as(feats).clone()
-        for b, lo, hi in spans:
-            out[b:b + 1, :, lo:hi] = F.group_norm(feats[b:b + 1, :, lo:hi], norm.num_groups, norm.weight,
-                                                  norm.bias, norm.eps)
-        return out
+                runs.append((lo, hi))
+            layouts.append(tuple(sorted(runs)))
+        # Built from pieces, not by assigning into slices of one output (the backward of each
+        # assignment copies the whole gradient); samples of one layout are normalised together.
+        bias = norm.bias.to(feats.dtype)[None, :, None]
+        out = [None] * len(layouts)
+        for layout in set(layouts):
+            rows = [b for b, other in enumerate(layouts) if other == layout]
+            x = feats if len(rows) == len(layouts) else feats[rows]
+            pieces, end = [], 0
+            for lo, hi in layout:
+                pieces += [bias.expand(len(rows), -1, lo - end),
+                           F.group_norm(x[:, :, lo:hi], norm.num_groups, norm.weight, norm.bias, norm.eps)]
+                end = hi
+            pieces.append(bias.expand(len(rows), -1, feats.shape[-1] - end))
+            normed = torch.cat([p for p in pieces if p.shape[-1]], -1)
+            if len(rows) == len(layouts):
+                return normed
+            for i, b in enumerate(rows):
+                out[b] = normed[i:i + 1]
+        return torch.cat(out, 0)
 
     @staticmethod
     def _masked_group_norm(feats: torch.Tensor, labels: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:

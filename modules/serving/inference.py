@@ -41,7 +41,6 @@ from modules.models.clustering import cluster_units
 from modules.models.losses import best_permutation, pairwise_si_snr, reorder
 from modules.models.speaker import GE2EEncoder
 from modules.models.timbre import plot_example, roll_to_notes
-from modules.models.tse import receptive_field_samples
 from modules.training.brain import load_weights
 from modules.training.memory import reuse_freed_memory
 
@@ -552,11 +551,8 @@ class TargetSpeakerExtractor(AudioInterface):
     model_card = staticmethod(cards.extraction_card)
 
     def _min_samples(self):
-        """(mixture, enrolment) shortest lengths: one encoder frame and one WavLM frame."""
-        model = self.mods.model
-        cfg = model.wavlm.config
-        wavlm = receptive_field_samples(cfg.conv_kernel, cfg.conv_stride)
-        return max(model.encoder.kernel_size, wavlm), wavlm
+        """(mixture, enrolment) shortest lengths, as the model states them."""
+        return self.mods.model.min_samples()
 
     def forward(self, mix: torch.Tensor, enroll: torch.Tensor) -> torch.Tensor:
         return self.extract_batch(mix, enroll)
