@@ -3,7 +3,7 @@
 
     python bench/mossformer2.py                       # the README table (~40 min on 2 cores)
     python bench/mossformer2.py --seconds 4 --train_seconds 2 --repeats 1   # a quick look
-    python bench/mossformer2.py --profile             # where our time goes (4 s, fp32 + train)
+    python bench/mossformer2.py --profile             # where our time goes (4 s per --dtypes, + train)
     python bench/mossformer2.py --kernels             # the depthwise-convolution variants
 
 Every measurement runs in a fresh process (``--threads`` intra-op threads, default 2), so each
@@ -15,7 +15,10 @@ requirements-ref.txt) is built from a seed, ours loads its state dict with
 * **inference**: ``[1, seconds * 16000]`` in, under ``torch.inference_mode``; fp32, and bf16
   through ``torch.autocast("cpu", torch.bfloat16)`` for both. One warm-up call on 1 s, then the
   best of ``--repeats`` timed calls. The outputs are kept: the table reports max |ours -
-  reference| in fp32 and the SNR of each bf16 output against its own fp32 output.
+  reference| in fp32 and the SNR of each bf16 output against its own fp32 output. ``int8`` (ours
+  only): every ``nn.Linear`` replaced by PyTorch's dynamically quantized one
+  (``torch.ao.quantization.quantize_dynamic``: int8 weights, activations quantized per call;
+  fbgemm, VNNI where the CPU has it), the rest in fp32; its SNR is against our fp32 output.
 * **train step**: forward, PIT SI-SNR loss against random targets, backward (batch 1, dropout
   on), after one warm-up step on 0.5 s. The reference runs at 2 s only: 4 s does not fit in
   24 GB (``--reference_train_max``).
@@ -29,7 +32,7 @@ block over 128 kB is unmapped when freed): that peak RSS is the peak of live mem
 defaults, mostly the page faults of big tensors mapped afresh. ``--allocator reuse`` runs each
 measurement inside ``modules.training.memory.reuse_freed_memory`` (what ``Separator`` does), which removes
 them; ``compact``, ``tcmalloc`` and ``jemalloc``: see :func:`set_allocator`. ``--dtypes fp32``
-skips the bf16 rows.
+skips the bf16 rows; ``--dtypes fp32,int8`` adds the int8 row.
 """
 
 from __future__ import annotations
@@ -102,6 +105,9 @@ def child(spec: dict) -> dict:
     from modules.models.losses import pit_si_snr_loss
 
     model, run = build(spec["impl"], spec["weights"])
+    if spec["dtype"] == "int8":  # ours only (the table skips the reference)
+        model = run = torch.ao.quantization.quantize_dynamic(model.eval(), {torch.nn.Linear},
+                                                             dtype=torch.qint8)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, int(spec["seconds"] * SR), generator=gen)
     if spec["task"] == "infer":
@@ -173,11 +179,12 @@ def compare(outputs: dict) -> list[str]:
             a, b = torch.load(ref32, weights_only=True), torch.load(ours32, weights_only=True)
             parts.append(f"max |ours - reference| fp32 {(a - b).abs().max().item():.1e}")
         for impl in ("ours", "reference"):
-            f32, b16 = outputs.get((impl, seconds, "fp32")), outputs.get((impl, seconds, "bf16"))
-            if f32 and b16:
-                a, b = torch.load(f32, weights_only=True), torch.load(b16, weights_only=True)
-                snr = 10 * torch.log10(a.pow(2).sum() / (a - b).pow(2).sum()).item()
-                parts.append(f"{impl} bf16 vs fp32 SNR {snr:.1f} dB")
+            for low in ("bf16", "int8"):
+                f32, other = outputs.get((impl, seconds, "fp32")), outputs.get((impl, seconds, low))
+                if f32 and other:
+                    a, b = torch.load(f32, weights_only=True), torch.load(other, weights_only=True)
+                    snr = 10 * torch.log10(a.pow(2).sum() / (a - b).pow(2).sum()).item()
+                    parts.append(f"{impl} {low} vs fp32 SNR {snr:.1f} dB")
         if parts:
             lines.append(f"{seconds:g} s: " + "; ".join(parts))
     return lines
@@ -214,7 +221,8 @@ def table(args) -> None:
     for task, seconds, dtype in jobs:
         row = {"task": task, "seconds": seconds, "dtype": dtype}
         for impl in impls:
-            if impl == "reference" and task == "train" and seconds > args.reference_train_max:
+            if impl == "reference" and (task == "train" and seconds > args.reference_train_max
+                                        or dtype == "int8"):
                 continue
             spec = dict(common, impl=impl, task=task, seconds=seconds, dtype=dtype,
                         repeats=args.repeats if seconds <= 16 else 1)
@@ -266,7 +274,8 @@ def table(args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 CATEGORIES = [
-    ("matrix products (linear, attention)", ("addmm", "mm", "bmm", "baddbmm", "matmul", "linear")),
+    ("matrix products (linear, attention)", ("addmm", "mm", "bmm", "baddbmm", "matmul", "linear", "linear_dynamic")),
+    ("int8 quantization of activations", ("quantize_per_tensor", "dequantize", "_choose_qparams")),
     ("depthwise convolutions", ("mkldnn_convolution", "convolution", "conv2d", "conv1d")),
     ("dropout random numbers", ("random_", "bernoulli")),
     ("copies and layout", ("copy_", "cat", "pad", "contiguous", "clone", "fill_", "flip")),
@@ -292,14 +301,19 @@ def profile(args) -> None:
 
     torch.manual_seed(0)
     model = MossFormer2(**CONFIGS["mossformer2"])
-    for task, seconds in (("inference fp32", args.seconds[0]), ("train step", args.train_seconds[0])):
+    tasks = [(f"inference {d}", args.seconds[0], d) for d in args.dtypes]
+    tasks += [("train step", s, "fp32") for s in args.train_seconds[:1]]
+    for task, seconds, dtype in tasks:
         x = torch.randn(1, int(seconds * SR))
         if task.startswith("inference"):
             model.eval()
-            with torch.inference_mode():
-                model(x[:, :SR])
+            run = model
+            if dtype == "int8":
+                run = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                run(x[:, :SR])
                 with torch.profiler.profile() as prof:
-                    model(x)
+                    run(x)
         else:
             model.train()
             target = torch.randn(1, x.shape[1], 2)
@@ -308,17 +322,17 @@ def profile(args) -> None:
                 pit_si_snr_loss(model(x), target).backward()
         totals: dict[str, float] = {}
         for event in prof.key_averages():
-            if event.key.startswith("aten::") and event.self_cpu_time_total > 0:
+            if event.key.startswith(("aten::", "quantized::")) and event.self_cpu_time_total > 0:
                 totals[category(event.key)] = totals.get(category(event.key), 0) + event.self_cpu_time_total
         whole = sum(totals.values())
         print(f"\n{task}, {seconds:g} s of audio: {whole / 1e6:.1f} s of operator time "
               "(profiler overhead included)")
         for label, t in sorted(totals.items(), key=lambda kv: -kv[1]):
             print(f"  {100 * t / whole:5.1f} %  {t / 1e6:6.2f} s  {label}")
-        top = sorted((e for e in prof.key_averages() if e.key.startswith("aten::")),
+        top = sorted((e for e in prof.key_averages() if e.key.startswith(("aten::", "quantized::"))),
                      key=lambda e: -e.self_cpu_time_total)[:8]
         print("  largest operators: " + ", ".join(
-            f"{e.key[6:]} {100 * e.self_cpu_time_total / whole:.0f} %" for e in top))
+            f"{e.key.split('::')[-1]} {100 * e.self_cpu_time_total / whole:.0f} %" for e in top))
 
 
 def kernels(args) -> None:
@@ -390,8 +404,8 @@ def main(argv=None) -> None:
     args.seconds = [float(s) for s in args.seconds.split(",") if s]
     args.train_seconds = [float(s) for s in args.train_seconds.split(",") if s]
     args.dtypes = [d for d in args.dtypes.split(",") if d]
-    if set(args.dtypes) - {"fp32", "bf16"}:
-        parser.error(f"--dtypes: fp32 and/or bf16, got {args.dtypes}")
+    if set(args.dtypes) - {"fp32", "bf16", "int8"}:
+        parser.error(f"--dtypes: fp32, bf16 and/or int8, got {args.dtypes}")
     if args.profile:
         profile(args)
     elif args.kernels:
