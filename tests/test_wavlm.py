@@ -197,6 +197,21 @@ def test_segment_group_norm_for_runs_and_for_any_labels():
                 mean, var = inside.mean(1), inside.var(1, unbiased=False)
                 expected = (feats[b, :, t] - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
                 assert torch.allclose(out[b, :, t], expected, atol=1e-4)
+    # one layout shared by two samples beside other layouts and a sample of no segment: the same
+    # values and gradients (input, weight, bias) as the masked sums
+    feats = torch.randn(4, norm.num_channels, 40, requires_grad=True)
+    norm.requires_grad_(True)
+    labels = torch.full((4, 40), -1)
+    labels[:2, 5:30] = 0
+    labels[2, :12], labels[2, 20:] = 0, 1
+    grads = []
+    for fn in (lobe._segment_group_norm, lobe._masked_group_norm):
+        out = fn(feats, labels, norm)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+        got = torch.autograd.grad((out * weights).sum(), (feats, norm.weight, norm.bias))
+        grads.append((out.detach(), *got))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-4)
 
 
 def test_segments_must_label_every_sample():

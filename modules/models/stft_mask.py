@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -63,7 +64,8 @@ class ISTFTDecoder(nn.Module):
 class RNNMasker(nn.Module):
     """Magnitude-mask estimator: log(1 + |X|) -> (B)LSTM -> linear -> one mask per source.
 
-    Input complex or real ``[batch, F, frames]``; output ``[batch, n_src, F, frames]``. With
+    Input complex or real ``[batch, F, frames]``; output ``[batch, n_src, F, frames]``; the
+    recurrence runs in float32 (also under autocast). With
     ``cond_dim`` > 0, ``forward`` also takes a ``[batch, cond_dim]`` vector that joins every
     frame's input (VoiceFilter's conditioning), and ``frames [batch]`` (valid frames per item)
     keeps the padding of a ragged batch out of the recurrence.
@@ -86,11 +88,15 @@ class RNNMasker(nn.Module):
                 raise ValueError(f"this masker is conditioned: give a [batch, {self.cond_dim}] vector, got "
                                  f"{None if condition is None else tuple(condition.shape)}")
             feats = torch.cat([feats, condition[:, None, :].to(feats.dtype).expand(-1, feats.shape[1], -1)], -1)
-        if frames is not None and bool((frames < feats.shape[1]).any()):
-            packed = pack_padded_sequence(feats, frames.cpu(), batch_first=True, enforce_sorted=False)
-            h, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=feats.shape[1])
-        else:
-            h, _ = self.rnn(feats)
+        # float32 also under autocast: CPU autocast leaves a packed LSTM in float32, so an item
+        # computes the same in a ragged batch as alone
+        with torch.autocast(feats.device.type, enabled=False):
+            feats = feats.float()
+            if frames is not None and bool((frames < feats.shape[1]).any()):
+                packed = pack_padded_sequence(feats, frames.cpu(), batch_first=True, enforce_sorted=False)
+                h, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=feats.shape[1])
+            else:
+                h, _ = self.rnn(feats)
         m = self.proj(h).view(w.shape[0], -1, self.n_src, self.n_freq)
         return self.mask_act(m.permute(0, 2, 3, 1))
 
@@ -112,8 +118,9 @@ class STFTMaskExtractor(nn.Module):
     enrolment) joins every frame of the mixture's log magnitude, a BLSTM predicts one mask on the
     complex STFT of the mixture, and the inverse STFT gives the estimate: the scheme of VoiceFilter
     (Wang et al., Interspeech 2019; theirs has convolutions before the LSTM and a spectrogram
-    loss, ours the BLSTM of :class:`STFTMaskNet` trained on SI-SDR). Items of a ragged batch are
-    zero past their length, and the recurrence runs on their valid frames only.
+    loss, ours the BLSTM of :class:`STFTMaskNet` trained on SI-SDR). In a ragged batch each item
+    gives what it gives alone: its STFT, recurrence and inverse run on its own samples and frames,
+    and the estimate is zero past its end.
     """
 
     def __init__(self, n_fft: int = 256, hop_length: int = 64, hidden: int = 256, layers: int = 2,
@@ -148,13 +155,21 @@ class STFTMaskExtractor(nn.Module):
         if mix.shape[-1] < shortest:
             raise AudioError(f"the mixture has {mix.shape[-1]} samples; this model needs at least {shortest}")
         samples = sample_lengths(mix, mix_lens)
-        frames = None
-        if mix_lens is not None:  # zeros past each mixture's end
-            mix = mix * (torch.arange(mix.shape[-1], device=mix.device)[None] < samples[:, None]).to(mix.dtype)
-            frames = samples // self.encoder.hop_length + 1
-        spec = self.encoder(mix)
-        masks = self.masker(spec, self.speaker_embedding(enroll, enroll_lens), frames)
-        return self.decoder(masks[:, 0] * spec, mix.shape[-1])
+        if int(samples.min()) < shortest:
+            raise AudioError(f"a mixture of the batch has {int(samples.min())} real samples; this model "
+                             f"needs at least {shortest}")
+        embedding = self.speaker_embedding(enroll, enroll_lens)
+        if mix_lens is None or bool((samples == mix.shape[-1]).all()):
+            spec = self.encoder(mix)
+            return self.decoder(self.masker(spec, embedding)[:, 0] * spec, mix.shape[-1])
+        # a ragged batch: each item's STFT and inverse on its own samples, the BLSTM on its own
+        # frames, so every item gives what it gives alone
+        specs = [self.encoder(mix[b:b + 1, :n]) for b, n in enumerate(samples.tolist())]
+        frames = torch.tensor([x.shape[-1] for x in specs])
+        spec = torch.cat([F.pad(x, (0, int(frames.max()) - x.shape[-1])) for x in specs])
+        masked = self.masker(spec, embedding, frames)[:, 0] * spec
+        return torch.cat([F.pad(self.decoder(masked[b:b + 1, :, :t], n), (0, mix.shape[-1] - n))
+                          for b, (n, t) in enumerate(zip(samples.tolist(), frames.tolist()))])
 
 
 def ideal_mask_separation(mix: torch.Tensor, sources: torch.Tensor, kind: str = "irm",

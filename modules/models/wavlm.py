@@ -386,24 +386,21 @@ class WavLM(nn.Module):
                 runs.append((lo, hi))
             layouts.append(tuple(sorted(runs)))
         # Built from pieces, not by assigning into slices of one output (the backward of each
-        # assignment copies the whole gradient); samples of one layout are normalised together.
+        # assignment copies the whole gradient): one call for a batch of one layout, else row by row
         bias = norm.bias.to(feats.dtype)[None, :, None]
-        out = [None] * len(layouts)
-        for layout in set(layouts):
-            rows = [b for b, other in enumerate(layouts) if other == layout]
-            x = feats if len(rows) == len(layouts) else feats[rows]
+
+        def normalised(x, runs):  # x [rows, C, frames]
             pieces, end = [], 0
-            for lo, hi in layout:
-                pieces += [bias.expand(len(rows), -1, lo - end),
+            for lo, hi in runs:
+                pieces += [bias.expand(x.shape[0], -1, lo - end),
                            F.group_norm(x[:, :, lo:hi], norm.num_groups, norm.weight, norm.bias, norm.eps)]
                 end = hi
-            pieces.append(bias.expand(len(rows), -1, feats.shape[-1] - end))
-            normed = torch.cat([p for p in pieces if p.shape[-1]], -1)
-            if len(rows) == len(layouts):
-                return normed
-            for i, b in enumerate(rows):
-                out[b] = normed[i:i + 1]
-        return torch.cat(out, 0)
+            pieces.append(bias.expand(x.shape[0], -1, x.shape[-1] - end))
+            return torch.cat([p for p in pieces if p.shape[-1]], -1).to(feats.dtype)
+
+        if len(set(layouts)) == 1:
+            return normalised(feats, layouts[0])
+        return torch.cat([normalised(x[None], runs) for x, runs in zip(feats.unbind(0), layouts)])
 
     @staticmethod
     def _masked_group_norm(feats: torch.Tensor, labels: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:

@@ -83,6 +83,12 @@ def separation_card(name, run, summary, repo_id, licence, hparams, files):
                              'est = sep.separate_file("mixture.wav", output_dir="separated/")  # [1, time, n_src]'))
 
 
+#: what the extraction card says of each model class
+EXTRACTION_MODELS = {"WavLMTasNet": "WavLM + TasNet mask", "WavLMDynamicTasNet": "WavLM + TasNet mask",
+                     "STFTMaskExtractor": "STFT mask from a BLSTM conditioned on the enrolment's GE2E "
+                                          "d-vector; needs `pip install --no-deps resemblyzer==0.1.4`"}
+
+
 def extraction_card(name, run, summary, repo_id, licence, hparams, files):
     metrics = None
     if summary:
@@ -93,7 +99,8 @@ def extraction_card(name, run, summary, repo_id, licence, hparams, files):
                    f"{100 * summary['target_confusion_rate']:.1f} % |", "",
                    "Target confusion: the output is closer (SI-SDR) to the interferer than to the target.", ""]
     return card(name, run, licence, files, tags=["target-speaker-extraction"],
-                intro=[f"Target-speaker extraction at {hparams.sample_rate} Hz (WavLM + TasNet mask, "
+                intro=[f"Target-speaker extraction at {hparams.sample_rate} Hz "
+                       f"({EXTRACTION_MODELS.get(type(getattr(hparams, 'model', None)).__name__, 'mask model')}, "
                        f"SI-SDR loss against the target), trained with the `{name}` recipe on "
                        f"{training_data(run)}."],
                 metrics=metrics,

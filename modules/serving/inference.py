@@ -533,7 +533,8 @@ class TimbreTranscriber(AudioInterface):
 
 
 class TargetSpeakerExtractor(AudioInterface):
-    """Target-speaker extraction from a pretrained folder (:mod:`modules.models.tse` models).
+    """Target-speaker extraction from a pretrained folder (:mod:`modules.models.tse` models and
+    :class:`~modules.models.stft_mask.STFTMaskExtractor`).
 
     Usage::
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train and evaluate target-speaker extraction with WavLM (WavLMTasNet, WavLMDynamicTasNet).
+"""Train and evaluate target-speaker extraction (WavLMTasNet, WavLMDynamicTasNet, STFTMaskExtractor).
 
 Usage::
 
