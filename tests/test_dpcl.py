@@ -1,9 +1,10 @@
 """Deep clustering for speech: its training loss and k-means masks."""
 
+import pytest
 import torch
 
 from modules.models.clustering import deep_clustering_loss
-from modules.models.losses import pairwise_si_snr
+from modules.models.losses import pairwise_si_snr, pit_si_snr_loss
 from modules.models.stft_mask import DeepClusteringNet, ideal_mask_separation
 
 
@@ -42,3 +43,45 @@ def test_perfect_embeddings_give_the_ideal_binary_mask():
     sim = pairwise_si_snr(est, ibm[None])[0]                             # [est, ref]
     best = max(sim[0, 0] + sim[1, 1], sim[0, 1] + sim[1, 0]) / 2
     assert best > 40  # the same signals up to the output order
+
+
+def test_chimera_loss_mixes_deep_clustering_and_the_mask_heads_si_snr():
+    torch.manual_seed(0)
+    net = DeepClusteringNet(hidden=16, layers=1, emb_dim=6, mi_weight=0.2)
+    src = sources()
+    mix = src.sum(-1)
+    loss = net(mix, src)
+    spec = net.encoder(mix)
+    owner = net.encoder(src[0].T).abs().argmax(0).T.flatten()[None]
+    dc = deep_clustering_loss(net.masker.embed(spec), owner, net.masker.active(spec).float())
+    est = net(mix)                                          # inference: the mask head, no k-means
+    mi = pit_si_snr_loss(est, src)
+    assert torch.allclose(loss, 0.8 * dc + 0.2 * mi, atol=1e-5)
+    loss.sum().backward()
+    assert net.masker.mask_proj.weight.grad.abs().sum() > 0 and net.masker.proj.weight.grad.abs().sum() > 0
+    # the mask head separates: its output is its sigmoid masks times the mixture spectrum
+    masks = net.masker.masks(spec)
+    assert ((masks > 0) & (masks < 1)).all()
+    assert torch.allclose(est, net.decode(net.apply_masks(spec, masks), mix.shape[-1]), atol=1e-6)
+
+
+def test_chimera_mask_head_learns_to_separate():
+    torch.manual_seed(0)
+    net = DeepClusteringNet(hidden=32, layers=1, emb_dim=4, mi_weight=0.5)
+    src = sources(0.5)
+    mix = src.sum(-1)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    with torch.no_grad():
+        before = -pit_si_snr_loss(net(mix), src).item()
+    for _ in range(60):
+        opt.zero_grad()
+        net(mix, src).sum().backward()
+        opt.step()
+    with torch.no_grad():
+        after = -pit_si_snr_loss(net(mix), src).item()
+    assert after > before + 10, (before, after)
+
+
+def test_mi_weight_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="mi_weight"):
+        DeepClusteringNet(hidden=8, layers=1, emb_dim=2, mi_weight=1.5)

@@ -58,6 +58,7 @@ SEPARATION_CASES = {
          "--sample_rate=16000"]),
     "mossformer2-tiny": ("mossformer2-tiny.yaml", ["--sample_rate=8000"]),
     "dpcl": ("dpcl.yaml", ["--hidden=16", "--emb_dim=4"]),
+    "chimera": ("dpcl.yaml", ["--hidden=16", "--emb_dim=4", "--mi_weight=0.2"]),
 }
 
 

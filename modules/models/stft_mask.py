@@ -25,6 +25,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from modules.data.audio import AudioError
 from modules.models.base import EncoderMaskerDecoder, mask_activation
 from modules.models.clustering import deep_clustering_loss, kmeans
+from modules.models.losses import pit_si_snr_loss
 from modules.models.speaker import GE2E_DIM, GE2EEncoder, sample_lengths
 
 
@@ -195,22 +196,39 @@ class ClusteringMasker(nn.Module):
     """Deep-clustering masker: a BLSTM maps the log magnitude of the mixture STFT to a unit-norm
     ``emb_dim``-dimensional embedding per time-frequency unit; k-means over the embeddings of the
     active units (within ``active_db`` of the item's loudest unit) gives every unit to its nearest
-    centroid. Complex ``[batch, F, frames]`` -> binary masks ``[batch, n_src, F, frames]``."""
+    centroid. Complex ``[batch, F, frames]`` -> binary masks ``[batch, n_src, F, frames]``.
+
+    With ``mask_head=True`` (Chimera++, Wang, Le Roux & Hershey, ICASSP 2018) a second linear
+    head on the same BLSTM states predicts one sigmoid mask per source, and ``forward`` returns
+    those masks instead of clustering (no k-means at inference).
+    """
 
     def __init__(self, n_freq, hidden=300, layers=2, emb_dim=20, n_src=2, active_db=-40.0,
-                 dropout=0.0, seed=0):
+                 dropout=0.0, seed=0, mask_head=False):
         super().__init__()
         self.n_freq, self.emb_dim, self.n_src, self.active_db, self.seed = (
             n_freq, emb_dim, n_src, active_db, seed)
         self.rnn = nn.LSTM(n_freq, hidden, layers, batch_first=True, dropout=dropout,
                            bidirectional=True)
         self.proj = nn.Linear(2 * hidden, n_freq * emb_dim)
+        self.mask_proj = nn.Linear(2 * hidden, n_src * n_freq) if mask_head else None
 
-    def embed(self, spec):
-        """Complex STFT ``[B, F, T]`` -> unit-norm embeddings ``[B, T * F, D]`` (time-major)."""
-        h, _ = self.rnn(torch.log1p(spec.abs()).transpose(1, 2))
+    def states(self, spec):
+        """Complex STFT ``[B, F, T]`` -> BLSTM states ``[B, T, 2 * hidden]``."""
+        return self.rnn(torch.log1p(spec.abs()).transpose(1, 2))[0]
+
+    def embed(self, spec, h=None):
+        """Complex STFT ``[B, F, T]`` -> unit-norm embeddings ``[B, T * F, D]`` (time-major);
+        ``h``: the BLSTM states, if already computed."""
+        h = self.states(spec) if h is None else h
         v = torch.tanh(self.proj(h)).view(spec.shape[0], -1, self.emb_dim)
         return torch.nn.functional.normalize(v, dim=-1)
+
+    def masks(self, spec, h=None):
+        """The mask head's sigmoid masks ``[B, n_src, F, T]`` (``mask_head=True`` only)."""
+        h = self.states(spec) if h is None else h
+        m = self.mask_proj(h).view(spec.shape[0], -1, self.n_src, self.n_freq)
+        return torch.sigmoid(m.permute(0, 2, 3, 1))
 
     def active(self, spec):
         """``[B, T * F]`` bool: units within ``active_db`` of the item's loudest unit."""
@@ -230,6 +248,8 @@ class ClusteringMasker(nn.Module):
         return torch.stack(out)
 
     def forward(self, spec):
+        if self.mask_proj is not None:
+            return self.masks(spec)
         return self.cluster(spec, self.embed(spec))
 
 
@@ -241,19 +261,33 @@ class DeepClusteringNet(EncoderMaskerDecoder):
     (:meth:`training_loss`) is the deep-clustering loss ``||VV^T - YY^T||^2`` per item (low-rank
     form, :func:`modules.models.clustering.deep_clustering_loss`), Y being the ideal binary
     assignment of each unit to its loudest source, over the active units.
+
+    ``mi_weight`` > 0 makes it Chimera++ (Wang, Le Roux & Hershey, ICASSP 2018): a mask head
+    shares the BLSTM, the loss is ``(1 - mi_weight) * DC + mi_weight * (-PIT SI-SNR in dB)`` of
+    the mask head's separation (the paper's mask loss is a truncated phase-sensitive spectrum
+    loss; ours is the waveform SI-SNR every other model here trains on), and the separation at
+    inference comes from the mask head.
     """
 
     def __init__(self, n_fft=256, hop_length=64, hidden=300, layers=2, emb_dim=20, n_src=2,
-                 active_db=-40.0, dropout=0.0, seed=0):
+                 active_db=-40.0, dropout=0.0, seed=0, mi_weight=0.0):
+        if not 0.0 <= mi_weight <= 1.0:
+            raise ValueError(f"mi_weight must be in [0, 1] (0: deep clustering alone), got {mi_weight}")
         super().__init__(STFTEncoder(n_fft, hop_length),
                          ClusteringMasker(n_fft // 2 + 1, hidden, layers, emb_dim, n_src,
-                                          active_db, dropout, seed),
+                                          active_db, dropout, seed, mask_head=mi_weight > 0),
                          ISTFTDecoder(n_fft, hop_length))
+        self.mi_weight = mi_weight
 
     def training_loss(self, mix, sources):
         spec = self.encode(mix)
-        v = self.masker.embed(spec)
+        h = self.masker.states(spec)
+        v = self.masker.embed(spec, h)
         s = self.encoder(sources.transpose(1, 2).flatten(0, 1)).abs()          # [B*S, F, T]
         s = s.view(mix.shape[0], -1, *s.shape[1:])
         owner = s.argmax(1).transpose(1, 2).flatten(1)                         # [B, T*F]
-        return deep_clustering_loss(v.float(), owner, self.masker.active(spec).float())
+        dc = deep_clustering_loss(v.float(), owner, self.masker.active(spec).float())
+        if not self.mi_weight:
+            return dc
+        est = self.decode(self.apply_masks(spec, self.masker.masks(spec, h)), mix.shape[-1])
+        return (1 - self.mi_weight) * dc + self.mi_weight * pit_si_snr_loss(est.float(), sources.float())
