@@ -82,6 +82,26 @@ def test_chimera_mask_head_learns_to_separate():
     assert after > before + 10, (before, after)
 
 
-def test_mi_weight_out_of_range_is_refused():
-    with pytest.raises(ValueError, match="mi_weight"):
-        DeepClusteringNet(hidden=8, layers=1, emb_dim=2, mi_weight=1.5)
+@pytest.mark.parametrize("bad", [1.5, -0.1, 1.0, "0.2", True, None])
+def test_a_bad_mi_weight_is_refused(bad):
+    with pytest.raises(ValueError, match="mi_weight must be a number in"):
+        DeepClusteringNet(hidden=8, layers=1, emb_dim=2, mi_weight=bad)
+
+
+def test_deep_clustering_alone_has_no_mask_head():
+    net = DeepClusteringNet(hidden=8, layers=1, emb_dim=2)
+    assert not any(k.startswith("masker.mask_proj") for k in net.state_dict())
+    with pytest.raises(RuntimeError, match="no mask head"):
+        net.masker.masks(net.encoder(torch.randn(1, 800)))
+
+
+def test_chimera_loss_ignores_the_order_of_the_sources_per_item():
+    torch.manual_seed(0)
+    net = DeepClusteringNet(hidden=16, layers=1, emb_dim=6, mi_weight=0.2)
+    src = torch.cat([sources(), sources() * torch.tensor([0.5, 2.0])])  # two different mixtures
+    mix = src.sum(-1)
+    swapped = src.clone()
+    swapped[1] = src[1].flip(-1)                              # the second item's sources swapped
+    assert torch.allclose(net(mix, src), net(mix, swapped), atol=1e-5)
+    one = net(mix[1:], src[1:])                               # each item's loss as when alone
+    assert torch.allclose(net(mix, src)[1], one.reshape(()), atol=1e-4)

@@ -78,6 +78,14 @@ def test_separation_train_export_load_gives_the_trained_model(case, tmp_path, ca
         got = sep.separate_batch(x)
     assert got.shape == want.shape == (1, x.shape[1], hp["num_spks"])
     assert (got - want).abs().max() <= 1e-5
+    if case == "chimera":  # STFT models do not script: --deploy refuses clearly, keeps the folder
+        from modules.serving.export import main as export_main
+        deployed = tmp_path / "hub-deploy"
+        assert export_main([str(out), str(deployed), "--deploy"]) == 2
+        assert not {"model.torchscript.pt", "model.onnx"} & set(os.listdir(deployed))
+        again = Separator.from_hparams(source=str(deployed), savedir=str(tmp_path / "loaded2"))
+        with torch.no_grad():
+            assert (again.separate_batch(x) - want).abs().max() <= 1e-5
     if "causal" in case:  # the exported model is still causal: the future does not move the past
         y = x.clone()
         y[:, x.shape[1] // 2:] += torch.randn(1, x.shape[1] - x.shape[1] // 2)

@@ -16,6 +16,8 @@ weights it by ``|S_i| / sum_j |S_j|``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,8 +31,19 @@ from modules.models.losses import pit_si_snr_loss
 from modules.models.speaker import GE2E_DIM, GE2EEncoder, sample_lengths
 
 
-def _window(n_fft, like):
+def _window(n_fft: int, like: torch.Tensor) -> torch.Tensor:
     return torch.hann_window(n_fft, device=like.device, dtype=torch.float32)
+
+
+def log_magnitude(w: torch.Tensor) -> torch.Tensor:
+    """Complex STFT or magnitude ``[B, F, T]`` -> ``log(1 + |X|)`` frames ``[B, T, F]``."""
+    return torch.log1p(w.abs() if w.is_complex() else w).transpose(1, 2)
+
+
+def frames_to_masks(m: torch.Tensor, n_src: int, n_freq: int) -> torch.Tensor:
+    """A per-frame head's output ``[B, T, n_src * F]`` -> ``[B, n_src, F, T]`` (before the mask
+    activation)."""
+    return m.view(m.shape[0], -1, n_src, n_freq).permute(0, 2, 3, 1)
 
 
 class STFTEncoder(nn.Module):
@@ -83,7 +96,7 @@ class RNNMasker(nn.Module):
         self.mask_act = mask_activation(mask_act)
 
     def forward(self, w, condition=None, frames=None):
-        feats = torch.log1p(w.abs() if w.is_complex() else w).transpose(1, 2)  # [B, frames, F]
+        feats = log_magnitude(w)  # [B, frames, F]
         if self.cond_dim:
             if condition is None or condition.shape != (w.shape[0], self.cond_dim):
                 raise ValueError(f"this masker is conditioned: give a [batch, {self.cond_dim}] vector, got "
@@ -98,8 +111,7 @@ class RNNMasker(nn.Module):
                 h, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=feats.shape[1])
             else:
                 h, _ = self.rnn(feats)
-        m = self.proj(h).view(w.shape[0], -1, self.n_src, self.n_freq)
-        return self.mask_act(m.permute(0, 2, 3, 1))
+        return self.mask_act(frames_to_masks(self.proj(h), self.n_src, self.n_freq))
 
 
 class STFTMaskNet(EncoderMaskerDecoder):
@@ -214,21 +226,24 @@ class ClusteringMasker(nn.Module):
         self.mask_proj = nn.Linear(2 * hidden, n_src * n_freq) if mask_head else None
 
     def states(self, spec):
-        """Complex STFT ``[B, F, T]`` -> BLSTM states ``[B, T, 2 * hidden]``."""
-        return self.rnn(torch.log1p(spec.abs()).transpose(1, 2))[0]
+        """Complex STFT ``[B, F, T]`` -> BLSTM states ``[B, T, 2 * hidden]``, in float32 also
+        under autocast (as :class:`RNNMasker`)."""
+        with torch.autocast(spec.device.type, enabled=False):
+            return self.rnn(log_magnitude(spec).float())[0]
 
-    def embed(self, spec, h=None):
+    def embed(self, spec, h: Optional[torch.Tensor] = None):
         """Complex STFT ``[B, F, T]`` -> unit-norm embeddings ``[B, T * F, D]`` (time-major);
         ``h``: the BLSTM states, if already computed."""
         h = self.states(spec) if h is None else h
         v = torch.tanh(self.proj(h)).view(spec.shape[0], -1, self.emb_dim)
         return torch.nn.functional.normalize(v, dim=-1)
 
-    def masks(self, spec, h=None):
+    def masks(self, spec, h: Optional[torch.Tensor] = None):
         """The mask head's sigmoid masks ``[B, n_src, F, T]`` (``mask_head=True`` only)."""
+        if self.mask_proj is None:
+            raise RuntimeError("this deep-clustering masker has no mask head (mi_weight=0)")
         h = self.states(spec) if h is None else h
-        m = self.mask_proj(h).view(spec.shape[0], -1, self.n_src, self.n_freq)
-        return torch.sigmoid(m.permute(0, 2, 3, 1))
+        return torch.sigmoid(frames_to_masks(self.mask_proj(h), self.n_src, self.n_freq))
 
     def active(self, spec):
         """``[B, T * F]`` bool: units within ``active_db`` of the item's loudest unit."""
@@ -256,8 +271,8 @@ class ClusteringMasker(nn.Module):
 class DeepClusteringNet(EncoderMaskerDecoder):
     """Deep clustering separation (Hershey, Chen, Le Roux & Watanabe, ICASSP 2016).
 
-    STFT encoder -> :class:`ClusteringMasker` (binary masks from k-means over the embeddings) ->
-    inverse STFT, ``[batch, time]`` -> ``[batch, time, n_src]``. Its training objective
+    STFT encoder -> :class:`ClusteringMasker` (binary masks from k-means over the embeddings, or
+    with ``mi_weight`` > 0 the sigmoid masks of its mask head) -> inverse STFT, ``[batch, time]`` -> ``[batch, time, n_src]``. Its training objective
     (:meth:`training_loss`) is the deep-clustering loss ``||VV^T - YY^T||^2`` per item (low-rank
     form, :func:`modules.models.clustering.deep_clustering_loss`), Y being the ideal binary
     assignment of each unit to its loudest source, over the active units.
@@ -271,15 +286,19 @@ class DeepClusteringNet(EncoderMaskerDecoder):
 
     def __init__(self, n_fft=256, hop_length=64, hidden=300, layers=2, emb_dim=20, n_src=2,
                  active_db=-40.0, dropout=0.0, seed=0, mi_weight=0.0):
-        if not 0.0 <= mi_weight <= 1.0:
-            raise ValueError(f"mi_weight must be in [0, 1] (0: deep clustering alone), got {mi_weight}")
+        if isinstance(mi_weight, bool) or not isinstance(mi_weight, (int, float)) or not 0 <= mi_weight < 1:
+            raise ValueError(f"mi_weight must be a number in [0, 1) (0: deep clustering alone; 1 would "
+                             f"train no embedding: use stft-mask.yaml for a mask network alone), got "
+                             f"{mi_weight!r}")
         super().__init__(STFTEncoder(n_fft, hop_length),
                          ClusteringMasker(n_fft // 2 + 1, hidden, layers, emb_dim, n_src,
                                           active_db, dropout, seed, mask_head=mi_weight > 0),
                          ISTFTDecoder(n_fft, hop_length))
         self.mi_weight = mi_weight
 
-    def training_loss(self, mix, sources):
+    def losses(self, mix, sources):
+        """Per item: the deep-clustering loss and the mask head's ``-PIT SI-SNR`` in dB (``None``
+        without a mask head), both from one pass of the shared BLSTM."""
         spec = self.encode(mix)
         h = self.masker.states(spec)
         v = self.masker.embed(spec, h)
@@ -287,7 +306,11 @@ class DeepClusteringNet(EncoderMaskerDecoder):
         s = s.view(mix.shape[0], -1, *s.shape[1:])
         owner = s.argmax(1).transpose(1, 2).flatten(1)                         # [B, T*F]
         dc = deep_clustering_loss(v.float(), owner, self.masker.active(spec).float())
-        if not self.mi_weight:
-            return dc
+        if self.masker.mask_proj is None:
+            return dc, None
         est = self.decode(self.apply_masks(spec, self.masker.masks(spec, h)), mix.shape[-1])
-        return (1 - self.mi_weight) * dc + self.mi_weight * pit_si_snr_loss(est.float(), sources.float())
+        return dc, pit_si_snr_loss(est.float(), sources.float())
+
+    def training_loss(self, mix, sources):
+        dc, mi = self.losses(mix, sources)
+        return dc if mi is None else (1 - self.mi_weight) * dc + self.mi_weight * mi

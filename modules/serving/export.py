@@ -349,7 +349,17 @@ def main(argv=None):
         sep = Separator.from_hparams(source=os.path.abspath(folder),
                                      savedir=os.path.join(folder, ".check"))
         shutil.rmtree(os.path.join(folder, ".check"), ignore_errors=True)
-        for name, diff in deploy(sep.mods.model, folder, sep.hparams.sample_rate).items():
+        try:
+            report = deploy(sep.mods.model, folder, sep.hparams.sample_rate)
+        except RuntimeError as err:
+            for name in ("model.torchscript.pt", "model.onnx"):
+                if os.path.exists(os.path.join(folder, name)):
+                    os.remove(os.path.join(folder, name))
+            reason = " ".join([line.strip() for line in str(err).splitlines() if line.strip()][:2])
+            print(f"error: --deploy failed: {reason[:400]}\n{folder} was written without deployment "
+                  "files and loads through the Pretrained interface", file=sys.stderr)
+            return 2
+        for name, diff in report.items():
             print(f"wrote {name}: max |difference| to PyTorch {diff:.1e} at "
                   f"{deployment_lengths(sep.hparams.sample_rate)} samples")
     if a.push:
