@@ -31,7 +31,6 @@ def faults_of_a_call():
     y = model(x)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, y
 
-torch.set_num_threads(1)
 torch.manual_seed(0)
 model = MossFormer2(**CONFIGS["tiny"]).eval()
 x = torch.randn(1, 16000 * 20)  # activations of 40-160 MB: over glibc's largest mmap threshold
@@ -52,9 +51,8 @@ print(json.dumps(r))
 
 
 def run(mode: str) -> dict:
-    # one thread: with several, the intra-op threads allocate from their own malloc arenas and
-    # the second call's faults inside the block vary from run to run (0 to 1/11 of the default's
-    # with 2 threads); with one thread they are 0-1 of ~800,000
+    # one thread: with several, each thread allocates from its own malloc arena and the count
+    # inside the block varies from run to run (docs/BENCHMARKS.md)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", SCRIPT, mode], cwd=ROOT, check=True, env=env,
                          capture_output=True, text=True).stdout

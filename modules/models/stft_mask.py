@@ -272,7 +272,8 @@ class DeepClusteringNet(EncoderMaskerDecoder):
     """Deep clustering separation (Hershey, Chen, Le Roux & Watanabe, ICASSP 2016).
 
     STFT encoder -> :class:`ClusteringMasker` (binary masks from k-means over the embeddings, or
-    with ``mi_weight`` > 0 the sigmoid masks of its mask head) -> inverse STFT, ``[batch, time]`` -> ``[batch, time, n_src]``. Its training objective
+    with ``mi_weight`` > 0 the sigmoid masks of its mask head) -> inverse STFT, ``[batch, time]``
+    -> ``[batch, time, n_src]``. Its training objective
     (:meth:`training_loss`) is the deep-clustering loss ``||VV^T - YY^T||^2`` per item (low-rank
     form, :func:`modules.models.clustering.deep_clustering_loss`), Y being the ideal binary
     assignment of each unit to its loudest source, over the active units.

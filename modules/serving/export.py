@@ -203,13 +203,24 @@ def deploy(model: torch.nn.Module, folder: str, sample_rate: int, tol: float = 1
     PyTorch on inputs of several lengths. Returns ``{file name: max abs difference}``.
 
     Both take ``mix [batch, time]`` and return ``[batch, time, n_src]``. The ONNX graph
-    needs inputs longer than one encoder frame (pad shorter ones with zeros)."""
-    import onnxruntime as ort
-
+    needs inputs longer than one encoder frame (pad shorter ones with zeros). On failure no
+    deployment file is left in ``folder``."""
     model = model.eval().cpu()
     lengths = deployment_lengths(sample_rate)
     os.makedirs(folder, exist_ok=True)
     ts_path, onnx_path = os.path.join(folder, "model.torchscript.pt"), os.path.join(folder, "model.onnx")
+    try:
+        return _write_deployment(model, ts_path, onnx_path, lengths, tol)
+    except Exception:
+        for path in (ts_path, onnx_path):  # no half-written deployment is left behind
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+
+
+def _write_deployment(model, ts_path, onnx_path, lengths, tol) -> dict:
+    import onnxruntime as ort
+
     try:
         scripted = torch.jit.script(model)
     except Exception as err:  # noqa: BLE001 - report which model cannot be scripted and why
@@ -352,9 +363,6 @@ def main(argv=None):
         try:
             report = deploy(sep.mods.model, folder, sep.hparams.sample_rate)
         except RuntimeError as err:
-            for name in ("model.torchscript.pt", "model.onnx"):
-                if os.path.exists(os.path.join(folder, name)):
-                    os.remove(os.path.join(folder, name))
             reason = " ".join([line.strip() for line in str(err).splitlines() if line.strip()][:2])
             print(f"error: --deploy failed: {reason[:400]}\n{folder} was written without deployment "
                   "files and loads through the Pretrained interface", file=sys.stderr)
