@@ -105,3 +105,13 @@ def test_chimera_loss_ignores_the_order_of_the_sources_per_item():
     assert torch.allclose(net(mix, src), net(mix, swapped), atol=1e-5)
     one = net(mix[1:], src[1:])                               # each item's loss as when alone
     assert torch.allclose(net(mix, src)[1], one.reshape(()), atol=1e-4)
+
+
+def test_the_clustering_blstm_runs_in_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    net = DeepClusteringNet(hidden=16, layers=1, emb_dim=6, mi_weight=0.2)
+    spec = net.encoder(sources().sum(-1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = net.masker.states(spec)
+    assert h.dtype == torch.float32
+    assert torch.allclose(h, net.masker.states(spec), atol=1e-6)

@@ -102,6 +102,7 @@ def test_deploy_reports_a_mismatch(tmp_path, monkeypatch):
     model = ConvTasNet(N=16, L=16, B=16, H=32, Sc=16, X=2, R=1).eval()
     with pytest.raises(RuntimeError, match="differs from PyTorch"):  # tolerance no export meets
         export_module.deploy(model, str(tmp_path), sample_rate=8000, tol=-1.0)
+    assert not {"model.torchscript.pt", "model.onnx"} & set(os.listdir(tmp_path))  # none left behind
 
 
 def test_export_cli_writes_deployment_files(trained, tmp_path):
