@@ -620,3 +620,41 @@ def test_stft_mask_extractor_is_conditioned_on_the_frozen_d_vector_and_ignores_p
         model(mix, enroll, torch.tensor([1.0, 0.01]))
     with pytest.raises(AudioError, match="same batch"):
         model(mix, enroll[:1])
+
+
+def test_residual_check_applies_at_inference_only_in_both_ge2e_models(monkeypatch):
+    """With ``residual_check`` the forward pass in eval mode returns what
+    :func:`residual_check` makes of the estimate (here: a check that replaces every estimate by
+    the rest of the mixture), in training mode the estimate itself; WavLMTasNet refuses it
+    without the GE2E encoder."""
+    from modules.models import speaker as speaker_mod
+    from modules.models import stft_mask, tse
+    from modules.models.stft_mask import STFTMaskExtractor
+
+    def replace_all(mix, est, speaker, encoder, samples, margin=0.0):
+        assert encoder is not None and speaker.shape == (est.shape[0], speaker_mod.GE2E_DIM)
+        return speaker_mod.residual_check(mix, est, speaker, encoder, samples, margin=-2.0)
+
+    monkeypatch.setattr(stft_mask, "residual_check", replace_all)
+    monkeypatch.setattr(tse, "residual_check", replace_all)
+    torch.manual_seed(0)
+    mix, enroll = torch.randn(2, 4000), torch.randn(2, 6000)
+    lens = torch.tensor([1.0, 0.6])
+    real = (torch.arange(4000)[None] < torch.tensor([[4000], [2400]])).float()
+    for model in (STFTMaskExtractor(hidden=16, sample_rate=SR, residual_check=True),
+                  make_static(speaker_encoder="ge2e", sample_rate=SR, residual_check=True)):
+        with torch.no_grad():
+            out = model.eval()(mix, enroll, lens)
+            model.residual_check = False
+            est = model(mix, enroll, lens)
+            torch.manual_seed(2)
+            trained_est = model.train()(mix, enroll, lens)
+            model.residual_check = True
+            torch.manual_seed(2)
+            trained_out = model(mix, enroll, lens)
+        assert (out - (mix - est) * real).abs().max() <= 1e-5
+        assert torch.equal(trained_out, trained_est)
+    with pytest.raises(ValueError, match="speaker_encoder='ge2e'"):
+        make_static(residual_check=True)
+    with pytest.raises(ValueError, match="check_margin"):
+        STFTMaskExtractor(hidden=16, sample_rate=SR, residual_check=True, check_margin=3)
