@@ -287,6 +287,21 @@ def test_debug_run_on_two_corpora_from_the_command_line(tmp_path):
     assert {r["enroll_mode"] for r in rows} == {"other-utterance", "same-utterance"}
 
 
+def test_test_split_valid_tests_the_validation_mixtures(tmp_path, corpus):
+    """`--test_split=valid` runs the test stage on the validation set (its own count and
+    mixtures, not the test set's), says so in the summary, and a bad split is refused."""
+    yaml = os.path.join(RECIPE, "hparams", "stft_mask_ge2e.yaml")
+    common = ["--number_of_epochs=0", f"--data_folder={corpus}", f"--cache_folder={tmp_path / 'cache'}",
+              "--hidden=8", *[a for a in SMALL_DATA if "n_valid" not in a], "--n_valid=3"]
+    test = run_recipe(yaml, tmp_path / "test", *common)
+    valid = run_recipe(yaml, tmp_path / "valid", *common, "--test_split=valid")
+    assert (test["n_mixtures"], valid["n_mixtures"]) == (2, 3)
+    assert (test["test_split"], valid["test_split"]) == ("test", "valid")
+    assert test["si-sdr_i"] != valid["si-sdr_i"]
+    with pytest.raises(ValueError, match="test_split must be"):
+        run_recipe(yaml, tmp_path / "bad", *common, "--test_split=train")
+
+
 def test_every_switch_is_a_yaml_key():
     for name, keys in (("wavlm_dynamic_tasnet", ["num_hybrid_layers", "tau", "qkb", "hybrid_mask",
                                                  "freeze_wavlm", "qkb_fallback_fraction", "soft_scale"]),

@@ -447,7 +447,9 @@ class BaseBrain(sb.Brain):
 
     def fit_and_test(self, hparams: dict, sets: dict) -> dict:
         """Train on ``sets["train"]`` (validating on ``sets["valid"]``), then test the best
-        checkpoint on every ``test*`` set. Returns the summary, also written to
+        checkpoint on every ``test*`` set (with ``test_split: valid`` in the hparams, on the
+        validation set instead, e.g. to choose an inference setting on speakers the test set does
+        not hold). Returns the summary, also written to
         ``test_summary.json``: the test metrics (one dict per test set when there are several),
         ``params_M``, ``trained_params_M``, ``train_minutes``, ``epochs`` and ``best_epoch``."""
         counter, model = hparams["epoch_counter"], hparams["model"]
@@ -462,13 +464,18 @@ class BaseBrain(sb.Brain):
                    "train_minutes": counter.elapsed / 60, "epochs": counter.current}
         key = {f"{hparams['valid_metric_mode']}_key": hparams["valid_metric"]}
         names = sorted(k for k in sets if k.startswith("test"))
+        split = hparams.get("test_split", "test")
+        if split != "test":  # e.g. choose an inference setting on the validation speakers
+            if split not in sets or split == "train":
+                raise ValueError(f"test_split must be 'test' or 'valid', got {split!r}")
+            sets, names = {**sets, "test": sets[split]}, ["test"]
         for name in names:
             self.test_name = name
             self.evaluate(sets[name], test_loader_kwargs=hparams["eval_dataloader_opts"], **key)
             results[name] = self.summary
         results["best_epoch"] = counter.current
         if names == ["test"]:
-            results = {**results.pop("test"), **results}
+            results = {**results.pop("test"), **results, "test_split": split}
         if sb.utils.distributed.if_main_process():
             with open(os.path.join(hparams["output_folder"], "test_summary.json"), "w") as f:
                 json.dump(results, f, indent=2)

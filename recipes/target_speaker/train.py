@@ -149,7 +149,7 @@ def print_summary(hparams, s):
     data = hparams["data_folder"] or hparams.get("tse_lists") or \
         "synthetic speech-like corpus (NOT real speech)"
     print("\n" + "=" * 78)
-    print(f"{hparams['experiment_name']}: test set, {s['n_mixtures']} mixtures of {data}")
+    print(f"{hparams['experiment_name']}: {s.get('test_split', 'test')} set, {s['n_mixtures']} mixtures of {data}")
     if s["epochs"]:
         trained = (f"trained {s['epochs']} epochs in {s['train_minutes']:.1f} min (best by valid "
                    f"{hparams['valid_metric']}: epoch {s['best_epoch']})")
