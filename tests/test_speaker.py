@@ -245,38 +245,3 @@ def test_verdicts_on_real_speech(encoder):
                     torch.tensor([len(a2), len(b2)]) / max(len(a2), len(b2)))
     verdicts = speaker_verdicts(emb, enrol[[0, 0]], enrol[[1, 1]])
     assert verdicts == ["correct", "confused"]
-
-
-def test_residual_check_returns_the_rest_where_the_estimate_is_the_interferer(encoder):
-    """On real speech (speechocean762 at 16 kHz, two speakers, the enrolment another utterance
-    of the target): an estimate that is the target is kept; one that is the interferer is
-    replaced by mixture - estimate, i.e. the target; a ragged batch decides as each item alone;
-    a large margin keeps every estimate."""
-    data = speechocean(2, 2)
-    (ta, enroll_a), (tb, _) = data.values()
-    n = min(len(ta), len(tb))
-    ta, tb = ta[:n] / ta[:n].std(), tb[:n] / tb[:n].std()
-    mix = (ta + tb).expand(3, -1)
-    speaker = encoder(enroll_a).expand(3, -1)
-    est = torch.stack([ta, tb, tb])
-    samples = torch.tensor([n, n, n * 3 // 4])
-    est[2, samples[2]:] = 0
-    out, replaced = speaker_mod.residual_check(mix, est, speaker, encoder, samples)
-    assert replaced.tolist() == [False, True, True]
-    assert torch.equal(out[0], ta)
-    assert (out[1] - ta).abs().max() <= 1e-5
-    assert (out[2, :samples[2]] - ta[:samples[2]]).abs().max() <= 1e-5 and not out[2, samples[2]:].any()
-    alone, replaced_alone = speaker_mod.residual_check(mix[2:, :samples[2]], est[2:, :samples[2]],
-                                                       speaker[2:], encoder, samples[2:])
-    assert replaced_alone.item() and (alone[0] - out[2, :samples[2]]).abs().max() <= 1e-6
-    kept, replaced = speaker_mod.residual_check(mix, est, speaker, encoder, samples, margin=1.99)
-    assert not replaced.any() and torch.equal(kept, est)
-
-
-@pytest.mark.parametrize("bad", [dict(residual_check="yes"), dict(residual_check=1),
-                                 dict(check_margin=-0.1), dict(check_margin=2), dict(check_margin="0.1"),
-                                 dict(check_margin=True)])
-def test_residual_check_options_are_checked(bad):
-    options = {"residual_check": True, "check_margin": 0.0, **bad}
-    with pytest.raises(ValueError, match="residual_check|check_margin"):
-        speaker_mod.check_residual_options(**options)

@@ -305,32 +305,3 @@ class GE2EEncoder(nn.Module):
 
     def clear_cache(self):
         self._cache.clear()
-
-
-def check_residual_options(residual_check, check_margin) -> tuple[bool, float]:
-    """The extractors' ``residual_check`` (a bool) and ``check_margin`` (a cosine margin in
-    [0, 2)), validated."""
-    if not isinstance(residual_check, bool):
-        raise ValueError(f"residual_check must be True or False, got {residual_check!r}")
-    if isinstance(check_margin, bool) or not isinstance(check_margin, (int, float)) or not 0 <= check_margin < 2:
-        raise ValueError(f"check_margin must be a cosine margin in [0, 2) (0: keep whichever is closer "
-                         f"to the enrolment), got {check_margin!r}")
-    return residual_check, float(check_margin)
-
-
-def residual_check(mix: torch.Tensor, est: torch.Tensor, speaker: torch.Tensor, encoder: GE2EEncoder,
-                   samples: torch.Tensor, margin: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Judge an extraction by its whole output, as separate-then-select does: the estimate
-    ``est [batch, time]`` and the rest of the mixture ``mix - est`` are embedded by ``encoder``
-    on each item's ``samples`` real samples, and where the rest is closer in cosine to the
-    enrolment's d-vector ``speaker [batch, 256]`` by more than ``margin``, the rest is returned
-    instead. Returns ``(output [batch, time], replaced [batch] bool)``; zero past each end."""
-    t = est.shape[-1]
-    real = (torch.arange(t, device=est.device)[None, :] < samples[:, None].to(est.device)).to(est.dtype)
-    est = est * real
-    rest = mix[..., :t].to(est.dtype) * real - est
-    lens = (samples.float() / t).repeat(2)
-    emb = encoder(torch.cat([est, rest]), lens, cache=False).view(2, est.shape[0], -1)
-    scores = (emb * speaker[None].to(emb.dtype)).sum(-1)                     # [2, batch]
-    replaced = scores[1] > scores[0] + margin
-    return torch.where(replaced[:, None], rest, est), replaced

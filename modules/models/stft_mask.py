@@ -28,7 +28,7 @@ from modules.data.audio import AudioError
 from modules.models.base import EncoderMaskerDecoder, mask_activation
 from modules.models.clustering import deep_clustering_loss, kmeans
 from modules.models.losses import pit_si_snr_loss
-from modules.models.speaker import GE2E_DIM, GE2EEncoder, check_residual_options, residual_check, sample_lengths
+from modules.models.speaker import GE2E_DIM, GE2EEncoder, sample_lengths
 
 
 def _window(n_fft: int, like: torch.Tensor) -> torch.Tensor:
@@ -134,18 +134,11 @@ class STFTMaskExtractor(nn.Module):
     loss, ours the BLSTM of :class:`STFTMaskNet` trained on SI-SDR). In a ragged batch each item
     gives what it gives alone: its STFT, recurrence and inverse run on its own samples and frames,
     and the estimate is zero past its end.
-
-    With ``residual_check=True``, at inference (not in training mode) the whole estimate is
-    judged as separate-then-select judges a separated source: where the rest of the mixture is
-    closer to the enrolment in GE2E space than the estimate by more than ``check_margin``
-    (cosine), the rest is returned (:func:`modules.models.speaker.residual_check`).
     """
 
     def __init__(self, n_fft: int = 256, hop_length: int = 64, hidden: int = 256, layers: int = 2,
-                 sample_rate: int = 8000, mask_act: str = "sigmoid", dropout: float = 0.0,
-                 residual_check: bool = False, check_margin: float = 0.0):
+                 sample_rate: int = 8000, mask_act: str = "sigmoid", dropout: float = 0.0):
         super().__init__()
-        self.residual_check, self.check_margin = check_residual_options(residual_check, check_margin)
         self.encoder = STFTEncoder(n_fft, hop_length)
         self.masker = RNNMasker(n_fft // 2 + 1, hidden, layers, n_src=1, dropout=dropout,
                                 mask_act=mask_act, cond_dim=GE2E_DIM)
@@ -179,13 +172,6 @@ class STFTMaskExtractor(nn.Module):
             raise AudioError(f"a mixture of the batch has {int(samples.min())} real samples; this model "
                              f"needs at least {shortest}")
         embedding = self.speaker_embedding(enroll, enroll_lens)
-        est = self.extract(mix, embedding, mix_lens, samples)
-        if self.residual_check and not self.training:
-            est = residual_check(mix, est, embedding, self.ge2e, samples, self.check_margin)[0]
-        return est
-
-    def extract(self, mix, embedding, mix_lens, samples):
-        """The masked estimate ``[batch, time]`` for d-vectors ``embedding [batch, 256]``."""
         if mix_lens is None or bool((samples == mix.shape[-1]).all()):
             spec = self.encoder(mix)
             return self.decoder(self.masker(spec, embedding)[:, 0] * spec, mix.shape[-1])

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from modules.models.base import Decoder, Encoder, EncoderMaskerDecoder, GlobalLayerNorm
 from modules.models.convtasnet import TCN, TemporalBlock
 from modules.models.losses import si_snr
-from modules.models.speaker import GE2E_DIM, GE2EEncoder, check_residual_options, residual_check
+from modules.models.speaker import GE2E_DIM, GE2EEncoder
 from modules.models.wavlm import WavLM, conv_output_lengths, mask_value, segment_attention_bias
 
 __all__ = [
@@ -725,28 +725,19 @@ class WavLMTasNet(_WavLMExtractor):
         through WavLM; True: the gLN-normalised TasNet encoding of the mixture is added to the
         WavLM-rate features before the fusion, so the mask head also sees the mixture at the
         encoder's resolution, as Conv-TasNet's and SpeakerBeam's mask networks do.
-    residual_check, check_margin : bool, float
-        With ``speaker_encoder="ge2e"`` only: at inference, return the rest of the mixture
-        instead of the estimate where its d-vector is closer to the enrolment's by more than
-        ``check_margin`` (:func:`modules.models.speaker.residual_check`). Off by default.
     """
 
     def __init__(self, wavlm: WavLM, encoder_dim=512, kernel_size=320, stride=160, bottleneck=256,
                  hidden=512, skip=256, mask_blocks=3, fusion="multiply", mhfa_compression=128,
                  mhfa_heads=8, speaker_dim=256, norm="gLN", speaker_transform=False, mix_blocks=1,
                  mix_blocks_before_proj=False, upsample="interpolate", mask_act="sigmoid",
-                 speaker_encoder="mhfa", sample_rate=16000, encoder_features=False,
-                 residual_check=False, check_margin=0.0):
+                 speaker_encoder="mhfa", sample_rate=16000, encoder_features=False):
         super().__init__(wavlm, encoder_dim, kernel_size, stride, bottleneck, hidden, skip,
                          mask_blocks, norm, mask_act, mix_blocks, mix_blocks_before_proj, upsample,
                          encoder_features)
         if speaker_encoder not in SPEAKER_ENCODERS:
             raise ValueError(f"unknown speaker_encoder {speaker_encoder!r}; choose one of "
                              f"{list(SPEAKER_ENCODERS)}")
-        self.residual_check, self.check_margin = check_residual_options(residual_check, check_margin)
-        if self.residual_check and speaker_encoder != "ge2e":
-            raise ValueError("residual_check needs speaker_encoder='ge2e' (the check compares GE2E "
-                             "d-vectors); set speaker_encoder: ge2e or residual_check: False")
         self.mhfa = self.ge2e = None
         if speaker_encoder == "mhfa":
             self.mhfa = MHFA(wavlm.num_layers + 1, wavlm.hidden_size, mhfa_compression, mhfa_heads, speaker_dim)
@@ -767,14 +758,6 @@ class WavLMTasNet(_WavLMExtractor):
         for key in [k for k in state_dict if k.startswith(old)]:
             state_dict[prefix + "mix_blocks.0." + key[len(old):]] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def forward(self, mix: torch.Tensor, enroll: torch.Tensor, mix_lens=None, enroll_lens=None):
-        est = super().forward(mix, enroll, mix_lens, enroll_lens)
-        if not self.residual_check or self.training:
-            return est
-        mix, enroll = (x.unsqueeze(0) if x.dim() == 1 else x for x in (mix, enroll))
-        speaker = self.ge2e(enroll, enroll_lens)  # cached by the forward pass
-        return residual_check(mix, est, speaker, self.ge2e, _sample_lengths(mix, mix_lens), self.check_margin)[0]
 
     def speaker_embedding(self, enroll: torch.Tensor, enroll_lens=None) -> torch.Tensor:
         """``enroll [batch, time]`` -> speaker embedding ``[batch, speaker_dim]`` (MHFA or GE2E)."""
