@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What the residual check of a trained GE2E extractor does, margin by margin.
+"""Would judging the whole output help a trained GE2E extractor? A residual check, margin by margin.
 
     python bench/residual_margin.py recipes/target_speaker/hparams/stft_mask_ge2e.yaml \
         --init_from=results/tse/<run> --hop_length=128 --data_folder=../shared/data/speechocean762 \
@@ -10,10 +10,12 @@ the same yaml, trained weights (``--init_from``) and the model options of the ru
 mixture of ``--split`` (default ``valid``: the validation speakers, so the margin is chosen
 without the test set) the model's estimate and the rest of the mixture (``mixture - estimate``)
 are scored against the target (SI-SDRi, SI-SDR confusion) and embedded with the model's frozen
-GE2E encoder. The table gives, for no check and for each margin, the mean SI-SDRi, the SI-SDR
-confusion and how often the rest replaces the estimate
-(:func:`modules.models.speaker.residual_check`), with the oracle choice of the two (the better
-SI-SDR per mixture) as the ceiling.
+GE2E encoder. The check returns the rest instead of the estimate where the rest's d-vector is
+closer to the enrolment's by more than a margin (cosine): the judgement separate-then-select
+makes over whole separated sources. The table gives, for no check and for each margin, the mean
+SI-SDRi, the SI-SDR confusion and how often the rest replaces the estimate, with the oracle
+choice of the two (the better SI-SDR per mixture) as the ceiling. Measured, it did not help on
+the test speakers (docs/RESULTS.md), so the models do not offer it.
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ def score(brain, dataset, loader_kwargs) -> list[dict]:
     if getattr(model, "ge2e", None) is None:
         raise SystemExit("error: this model has no GE2E encoder (the residual check needs one: "
                          "stft_mask_ge2e.yaml, or wavlm_tasnet*.yaml with --speaker_encoder=ge2e)")
-    model.residual_check = False
     rows = []
     loader = brain.make_dataloader(dataset, stage=sb.Stage.TEST, **loader_kwargs)
     for batch in tqdm(loader, desc="scoring", dynamic_ncols=True):
