@@ -21,7 +21,6 @@ the test speakers (docs/RESULTS.md), so the models do not offer it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -32,16 +31,10 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from modules.models.speaker import sample_lengths  # noqa: E402
 from modules.models.tse import extraction_metrics  # noqa: E402
 from modules.training.brain import setup_recipe  # noqa: E402
-
-
-def recipe_brain():
-    spec = importlib.util.spec_from_file_location(
-        "target_speaker_train", os.path.join(ROOT, "recipes", "target_speaker", "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ExtractionBrain
+from pipeline import brain_class  # noqa: E402
 
 
 @torch.no_grad()
@@ -58,8 +51,7 @@ def score(brain, dataset, loader_kwargs) -> list[dict]:
         mix, enroll = batch.mix.data, batch.enroll.data
         est = model(mix, enroll, batch.mix.lengths, batch.enroll.lengths)
         speaker = model.speaker_embedding(enroll, batch.enroll.lengths)
-        for b in range(mix.shape[0]):
-            n = int(round(float(batch.mix.lengths[b]) * mix.shape[1]))
+        for b, n in enumerate(sample_lengths(mix, batch.mix.lengths).tolist()):
             m, e = mix[b, :n], est[b, :n]
             target, other = batch.target.data[b, :n], batch.interferer.data[b, :n]
             cos = model.ge2e(torch.stack([e, m - e]), cache=False) @ speaker[b]
@@ -95,7 +87,7 @@ def main(argv=None):
                          "[recipe overrides] [--split valid|test] [--margins 0,0.05,...]")
     margins = [float(m) for m in own.margins.split(",")]
     out = os.path.join(ROOT, "results", "bench", "residual_margin")
-    brain, hparams, sets = setup_recipe(recipe_brain(), [*recipe_args, f"--output_folder={out}"])
+    brain, hparams, sets = setup_recipe(brain_class("target_speaker"), [*recipe_args, f"--output_folder={out}"])
     rows = score(brain, sets[own.split], hparams["eval_dataloader_opts"])
     print(f"\n{len(rows)} {own.split} mixtures of {hparams['data_folder']}, weights {hparams['init_from']}\n")
     print(table(rows, margins))

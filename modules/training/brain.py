@@ -452,6 +452,9 @@ class BaseBrain(sb.Brain):
         not hold). Returns the summary, also written to
         ``test_summary.json``: the test metrics (one dict per test set when there are several),
         ``params_M``, ``trained_params_M``, ``train_minutes``, ``epochs`` and ``best_epoch``."""
+        split = hparams.get("test_split", "test")
+        if split not in ("test", "valid"):  # refused before training, not after it
+            raise ValueError(f"test_split must be 'test' or 'valid', got {split!r}")
         counter, model = hparams["epoch_counter"], hparams["model"]
         total = sum(p.numel() for p in model.parameters())
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -464,11 +467,8 @@ class BaseBrain(sb.Brain):
                    "train_minutes": counter.elapsed / 60, "epochs": counter.current}
         key = {f"{hparams['valid_metric_mode']}_key": hparams["valid_metric"]}
         names = sorted(k for k in sets if k.startswith("test"))
-        split = hparams.get("test_split", "test")
-        if split != "test":  # e.g. choose an inference setting on the validation speakers
-            if split not in sets or split == "train":
-                raise ValueError(f"test_split must be 'test' or 'valid', got {split!r}")
-            sets, names = {**sets, "test": sets[split]}, ["test"]
+        if split == "valid":  # e.g. choose an inference setting on the validation speakers
+            sets, names = {**sets, "test": sets["valid"]}, ["test"]
         for name in names:
             self.test_name = name
             self.evaluate(sets[name], test_loader_kwargs=hparams["eval_dataloader_opts"], **key)
